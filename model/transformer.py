@@ -1,0 +1,197 @@
+"""The decoder: embedding -> blocks -> final norm -> LM head, for the dense, MoE and hybrid families.
+
+Each block is pre-norm: ``x + mixer(mixer_norm(x))`` then ``x + ffn(ffn_norm(x))``. The mixer is causal
+attention or a Mamba mixer and the feed-forward a SwiGLU MLP or a mixture of experts, chosen per layer
+from the config's layer pattern (``ModelConfig.is_attention_layer`` / ``is_moe_layer``).
+
+The model is kept strictly sequential (``embed`` -> ``layers`` -> ``norm`` -> ``lm_head``) so that pipeline
+parallelism can slice ``layers``; everything a slice needs (RoPE tables, loss) is exposed as a method or a
+module-level function. Activation checkpointing lives inside ``Block`` so it survives that slicing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from model.attention import Attention
+from model.config import ModelConfig
+from model.layers import RMSNorm, SwiGLU, rope_cos_sin
+
+IGNORE_INDEX = -100
+
+
+def _moe_class() -> type[nn.Module]:
+    # Imported lazily: dense models must not depend on the MoE/Mamba modules being importable.
+    from model.moe import MoE
+
+    return MoE
+
+
+def _mamba_class() -> type[nn.Module]:
+    from model.mamba import MambaMixer
+
+    return MambaMixer
+
+
+@dataclass
+class ModelOutput:
+    """``loss = ce_loss + aux_loss`` when labels were given, else ``loss`` and ``ce_loss`` are None."""
+
+    logits: torch.Tensor  # [B, T, V] in the activation dtype
+    loss: torch.Tensor | None
+    ce_loss: torch.Tensor | None
+    aux_loss: torch.Tensor  # 0-dim; sum of the MoE layers' (already coefficient-weighted) aux losses
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross entropy (float32) over the positions whose label is not -100.
+
+    ``labels[b, t]`` is the target for position t, i.e. already shifted (``labels[:, t] = tokens[:, t + 1]``).
+    If every label is ignored the loss is 0 rather than NaN.
+    """
+    flat_logits = logits.reshape(-1, logits.shape[-1]).float()
+    flat_labels = labels.reshape(-1)
+    total = F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    count = (flat_labels != IGNORE_INDEX).sum().clamp(min=1)
+    return total / count
+
+
+class Block(nn.Module):
+    """One pre-norm decoder layer. ``forward(x, rope) -> (x, aux_loss)``."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.is_attention = cfg.is_attention_layer(layer_idx)
+        self.is_moe = cfg.is_moe_layer(layer_idx)
+        self.activation_checkpointing = cfg.activation_checkpointing
+        self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mixer = Attention(cfg) if self.is_attention else _mamba_class()(cfg)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = _moe_class()(cfg) if self.is_moe else SwiGLU(cfg.d_model, cfg.ffn_hidden)
+
+    def _forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.mixer_norm(x)
+        x = x + (self.mixer(h, rope) if self.is_attention else self.mixer(h))
+        h = self.ffn_norm(x)
+        if self.is_moe:
+            y, aux = self.ffn(h)
+        else:
+            y, aux = self.ffn(h), torch.zeros((), device=x.device, dtype=torch.float32)
+        return x + y, aux
+
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            # Non-reentrant checkpointing: recomputes this block in backward, keeps only its input.
+            return checkpoint(self._forward, x, rope, use_reentrant=False)
+        return self._forward(x, rope)
+
+
+class Transformer(nn.Module):
+    """Decoder-only language model. ``forward(tokens, labels=None) -> ModelOutput``.
+
+    Initialisation (:meth:`reset_parameters`, run at construction, deterministic under ``torch.manual_seed``):
+    embedding and every linear/expert weight ~ N(0, init_std), except the projections that write into the
+    residual stream (attention ``o_proj``, MLP ``down_proj``, expert ``w2``, Mamba ``out_proj``), which use
+    ``init_std / sqrt(2 * n_layers)`` as in GPT-2 so the residual variance does not grow with depth. Norm
+    weights are 1. The Mamba mixer's own parameters (``A_log``, ``D``, ``dt_proj``, ``conv1d``) keep the
+    mixer's initialisation; if the mixer defines ``reset_parameters()`` it is called first.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        nn.init.normal_(self.embed.weight, 0.0, std)
+        if not self.cfg.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, 0.0, std)
+        nn.init.ones_(self.norm.weight)
+        for block in self.layers:
+            nn.init.ones_(block.mixer_norm.weight)
+            nn.init.ones_(block.ffn_norm.weight)
+            mixer, ffn = block.mixer, block.ffn
+            if block.is_attention:
+                for proj in (mixer.q_proj, mixer.k_proj, mixer.v_proj):
+                    nn.init.normal_(proj.weight, 0.0, std)
+                nn.init.normal_(mixer.o_proj.weight, 0.0, out_std)
+            else:
+                if hasattr(mixer, "reset_parameters"):
+                    mixer.reset_parameters()
+                for proj, proj_std in ((mixer.in_proj, std), (mixer.x_proj, std), (mixer.out_proj, out_std)):
+                    nn.init.normal_(proj.weight, 0.0, proj_std)
+                    if proj.bias is not None:
+                        nn.init.zeros_(proj.bias)
+            if block.is_moe:
+                nn.init.normal_(ffn.router.weight, 0.0, std)
+                nn.init.normal_(ffn.w1, 0.0, std)
+                nn.init.normal_(ffn.w3, 0.0, std)
+                nn.init.normal_(ffn.w2, 0.0, out_std)
+            else:
+                nn.init.normal_(ffn.gate_proj.weight, 0.0, std)
+                nn.init.normal_(ffn.up_proj.weight, 0.0, std)
+                nn.init.normal_(ffn.down_proj.weight, 0.0, out_std)
+
+    # --------------------------------------------------------------- forward
+    def rope_tables(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """RoPE (cos, sin) [seq_len, head_dim] in float32, or None when the config uses no RoPE.
+
+        Recomputed every forward (a few thousand sin/cos, negligible) rather than cached in a buffer, so meta-device
+        construction, ``to_empty`` and ``torch.compile`` need no special handling.
+        """
+        if not self.cfg.use_rope:
+            return None
+        return rope_cos_sin(self.cfg.resolved_head_dim, seq_len, self.cfg.rope_theta, device)
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> ModelOutput:
+        """tokens [B, T] int64; labels [B, T] int64 aligned with the positions (-100 = ignore) or None."""
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be [batch, seq_len], got shape {tuple(tokens.shape)}")
+        x = self.embed(tokens)
+        rope = self.rope_tables(tokens.shape[1], tokens.device)
+        aux_loss = torch.zeros((), device=x.device, dtype=torch.float32)
+        for block in self.layers:
+            x, aux = block(x, rope)
+            aux_loss = aux_loss + aux
+        logits = self.lm_head(self.norm(x))
+        if labels is None:
+            return ModelOutput(logits=logits, loss=None, ce_loss=None, aux_loss=aux_loss)
+        if labels.shape != tokens.shape:
+            raise ValueError(f"labels shape {tuple(labels.shape)} must equal tokens shape {tuple(tokens.shape)}")
+        ce_loss = causal_lm_loss(logits, labels)
+        return ModelOutput(logits=logits, loss=ce_loss + aux_loss, ce_loss=ce_loss, aux_loss=aux_loss)
+
+    # ------------------------------------------------------------- utilities
+    def moe_layers(self) -> list[nn.Module]:
+        """The MoE feed-forward modules, in layer order (empty for a dense model)."""
+        return [block.ffn for block in self.layers if block.is_moe]
+
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        """Number of distinct parameters (a tied LM head counts once); optionally without the input embedding.
+
+        For analytic counts, including active parameters of MoE models, see :func:`model.flops.param_counts`.
+        """
+        total = sum(p.numel() for p in self.parameters())
+        return total - self.embed.weight.numel() if exclude_embedding else total
