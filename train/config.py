@@ -1,0 +1,233 @@
+"""Run configuration: small dataclasses built from the composed Hydra config and validated
+before any process group, directory or file is created."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from data.stream import DataConfig, DataConfigError
+from model.config import ConfigError, ModelConfig
+
+
+def _from_dict(cls: type, d: dict[str, Any], prefix: str) -> Any:
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"{prefix}.{unknown[0]}", f"unknown option; known: {', '.join(sorted(known))}")
+    return cls(**d)
+
+
+@dataclass
+class ParallelConfig:
+    name: str = "zero2"
+    zero_stage: int = 2
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+
+    def validate(self, world_size: int) -> int:
+        """Checks the layout against the world size; returns the data-parallel size."""
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(
+                "parallel.zero_stage", f"got {self.zero_stage}; DeepSpeed ZeRO has stages 0-3 (parallel=zero0..zero3)"
+            )
+        for key in ("tp", "pp", "ep"):
+            size = getattr(self, key)
+            if size < 1:
+                raise ConfigError(f"parallel.{key}", f"must be >= 1, got {size}")
+            if size > 1:
+                raise ConfigError(
+                    f"parallel.{key}",
+                    f"{key}={size} is not supported by this version (data parallelism with ZeRO only); set parallel.{key}=1",
+                )
+        model_parallel = self.tp * self.pp
+        if world_size % model_parallel != 0:
+            raise ConfigError("parallel.tp", f"world size {world_size} is not divisible by tp*pp={model_parallel}")
+        return world_size // model_parallel
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 3e-3
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+
+    def validate(self) -> None:
+        if self.name != "adamw":
+            raise ConfigError("optim.name", f"got {self.name!r}; only adamw (torch.optim.AdamW) is provided")
+        if self.lr <= 0:
+            raise ConfigError("optim.lr", f"must be positive, got {self.lr}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError("optim.betas", f"need two values in [0, 1), got {list(self.betas)}")
+
+
+@dataclass
+class SchedConfig:
+    name: str = "cosine"
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    decay_fraction: float = 1.0
+
+    def validate(self, steps: int) -> None:
+        if self.name not in ("cosine", "wsd", "constant"):
+            raise ConfigError("sched.name", f"got {self.name!r}; use sched=cosine, sched=wsd or sched=constant")
+        if not 0 <= self.warmup_steps <= steps:
+            raise ConfigError("sched.warmup_steps", f"must be in [0, train.steps={steps}], got {self.warmup_steps}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError("sched.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0 <= self.decay_fraction <= 1:
+            raise ConfigError("sched.decay_fraction", f"must be in [0, 1], got {self.decay_fraction}")
+
+
+@dataclass
+class LoggingConfig:
+    backend: str = "wandb"
+    project: str = "pretrain"
+    entity: str | None = None
+    mode: str = "offline"
+    log_every: int = 10
+
+    def validate(self) -> None:
+        if self.backend not in ("wandb", "none"):
+            raise ConfigError("logging.backend", f"got {self.backend!r}; use logging=wandb or logging=none")
+        if self.backend == "wandb" and self.mode not in ("offline", "online", "disabled"):
+            raise ConfigError("logging.mode", f"got {self.mode!r}; use offline, online or disabled")
+        if self.log_every < 1:
+            raise ConfigError("logging.log_every", f"must be >= 1, got {self.log_every}")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    stop_at: int | None = None
+    seed: int = 1234
+    micro_batch_size: int = 8
+    global_batch_size: int = 16
+    seq_len: int = 128
+    resume: str = "auto"
+    ckpt_every: int = 100
+    keep_last: int = 2
+    eval_every: int = 0
+    eval_batches: int = 8
+    grad_clip: float = 1.0
+    precision: str = "auto"
+    device: str = "auto"
+    peak_flops: float | None = None
+
+    def validate(self, dp_size: int, model: ModelConfig) -> None:
+        for key in ("steps", "micro_batch_size", "global_batch_size", "seq_len"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
+        if self.stop_at is not None and not 1 <= self.stop_at <= self.steps:
+            raise ConfigError("train.stop_at", f"must be in [1, train.steps={self.steps}] or null, got {self.stop_at}")
+        per_step = self.micro_batch_size * dp_size
+        if self.global_batch_size % per_step != 0:
+            raise ConfigError(
+                "train.global_batch_size",
+                f"{self.global_batch_size} is not divisible by micro_batch_size*dp_size = "
+                f"{self.micro_batch_size}*{dp_size}; pick a multiple of {per_step}",
+            )
+        if self.seq_len > model.max_seq_len:
+            raise ConfigError("train.seq_len", f"{self.seq_len} exceeds model.max_seq_len={model.max_seq_len}")
+        if self.resume not in ("auto", "never"):
+            raise ConfigError("train.resume", f"got {self.resume!r}; use auto or never")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError("train.precision", f"got {self.precision!r}; use auto, fp32 or bf16")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError("train.device", f"got {self.device!r}; use auto, cpu or cuda")
+        if self.ckpt_every < 1 or self.keep_last < 1:
+            raise ConfigError("train.ckpt_every", "ckpt_every and keep_last must be >= 1")
+        if self.grad_clip < 0:
+            raise ConfigError("train.grad_clip", f"must be >= 0 (0 disables clipping), got {self.grad_clip}")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig
+    data: DataConfig
+    parallel: ParallelConfig
+    optim: OptimConfig
+    sched: SchedConfig
+    logging: LoggingConfig
+    train: TrainConfig
+    run_dir: Path
+    world_size: int = 1
+    dp_size: int = 1
+    raw: dict[str, Any] = field(default_factory=dict)  # the resolved config, as saved in the run dir
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.train.global_batch_size // (self.train.micro_batch_size * self.dp_size)
+
+
+def build_run_config(cfg: dict[str, Any], world_size: int | None = None) -> RunConfig:
+    """Turns a resolved config mapping into validated dataclasses.
+
+    Raises ConfigError (model.config) or DataConfigError with the offending key; never
+    touches the file system except to read the data index.
+    """
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    missing = [k for k in ("model", "data", "parallel", "optim", "sched", "logging", "train", "run_dir") if k not in cfg]
+    if missing:
+        raise ConfigError(missing[0], "missing config section")
+    model = ModelConfig.from_dict(dict(cfg["model"]))
+    parallel = _from_dict(ParallelConfig, dict(cfg["parallel"]), "parallel")
+    optim = _from_dict(OptimConfig, dict(cfg["optim"]), "optim")
+    optim.betas = tuple(optim.betas)
+    sched = _from_dict(SchedConfig, dict(cfg["sched"]), "sched")
+    logging_cfg = _from_dict(LoggingConfig, dict(cfg["logging"]), "logging")
+    train = _from_dict(TrainConfig, dict(cfg["train"]), "train")
+
+    dp_size = parallel.validate(world_size)
+    optim.validate()
+    train.validate(dp_size, model)
+    sched.validate(train.steps)
+    logging_cfg.validate()
+    data = DataConfig.from_dict(dict(cfg["data"]))
+    _check_vocab(data, model)
+    return RunConfig(
+        model=model,
+        data=data,
+        parallel=parallel,
+        optim=optim,
+        sched=sched,
+        logging=logging_cfg,
+        train=train,
+        run_dir=Path(cfg["run_dir"]),
+        world_size=world_size,
+        dp_size=dp_size,
+        raw=cfg,
+    )
+
+
+def _check_vocab(data: DataConfig, model: ModelConfig) -> None:
+    """Token ids of every source must fit the model's embedding table."""
+    for i, src in enumerate(data.sources):
+        index = Path(src.path) / "index.json"
+        vocab = json.loads(index.read_text()).get("vocab_size")
+        if vocab is not None and vocab > model.vocab_size:
+            raise ConfigError(
+                "model.vocab_size",
+                f"{model.vocab_size} is smaller than the tokenizer vocabulary ({vocab}) of data.sources[{i}] "
+                f"({src.path}); set model.vocab_size={vocab}",
+            )
+
+
+__all__ = [
+    "ConfigError",
+    "DataConfigError",
+    "LoggingConfig",
+    "OptimConfig",
+    "ParallelConfig",
+    "RunConfig",
+    "SchedConfig",
+    "TrainConfig",
+    "build_run_config",
+]
