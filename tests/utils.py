@@ -59,7 +59,7 @@ def run_train(
 ) -> subprocess.CompletedProcess:
     """Runs the real trainer (in a subprocess, under torchrun when nproc > 1)."""
     proc = subprocess.run(
-        train_cmd(overrides, nproc), cwd=REPO, env=popen.pop("env", child_env()), capture_output=True,
+        train_cmd(overrides, nproc), check=False, cwd=REPO, env=popen.pop("env", child_env()), capture_output=True,
         text=True, timeout=timeout, **popen,
     )
     if check and proc.returncode != 0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -14,6 +15,10 @@ from data.stream import DataConfigError
 from model.config import ConfigError
 from train.config import build_run_config
 from train.engine import ensure_distributed_env
+
+# DeepSpeed 0.19 calls collectives that torch 2.13 deprecated; one warning per call floods the logs.
+warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+warnings.filterwarnings("ignore", message=r".*reduce_scatter_tensor.* is deprecated", category=FutureWarning)
 
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 

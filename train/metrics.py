@@ -11,7 +11,6 @@ import os
 import sys
 import time
 import uuid
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -198,7 +197,3 @@ def _init_wandb(run_dir: Path, cfg: LoggingConfig, config: dict[str, Any]):
     run.define_metric("flops/*", step_metric="train/flops")
     print(f"W&B ({cfg.mode}) run {run_id} in {run.dir}", file=sys.stderr, flush=True)
     return run
-
-
-def logging_config_dict(cfg: LoggingConfig) -> dict[str, Any]:
-    return asdict(cfg)
