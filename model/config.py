@@ -49,6 +49,8 @@ class ModelConfig:
     # --- Mixture of experts (family moe or hybrid) ---
     num_experts: int = 0
     top_k: int = 2
+    # Mixtral renormalises the k selected router probabilities to sum to 1; Jamba's MoE does not.
+    moe_renormalize: bool = True
     expert_layer_period: int = 1
     expert_layer_offset: int = 0
     aux_loss_coeff: float = 0.01  # load-balancing loss coefficient
