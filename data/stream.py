@@ -52,12 +52,25 @@ def _prepare_hint(out: Path) -> str:
     return f"python -m data.prepare --input TEXT_FILES_OR_DIRS --tokenizer MODEL --out {out}"
 
 
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """Schedulers (SLURM, torchrun) signal every process of a job. A worker killed by SIGTERM would take
+    its rank down before the trainer's graceful stop and checkpoint; the trainer shuts workers down itself."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 class DataConfigError(ValueError):
     """A data configuration value is invalid. ``key`` is the dotted config key to fix."""
 
     def __init__(self, key: str, message: str):
         self.key = key
         super().__init__(f"{key}: {message}")
+        self.message = message
+
+    def __reduce__(self):  # picklable across Hydra/submitit job boundaries
+        return (type(self), (self.key, self.message))
 
 
 @dataclass
@@ -374,7 +387,7 @@ class GlobalBatchLoader:
         workers = self.cfg.num_workers
         loader = DataLoader(
             _StepDataset(self), batch_size=None, sampler=_StepsFrom(self._next_step), num_workers=workers,
-            prefetch_factor=2 if workers else None, persistent_workers=False,
+            prefetch_factor=2 if workers else None, persistent_workers=False, worker_init_fn=_ignore_stop_signals,
         )
         for batch in loader:  # the DataLoader returns items in sampler order, whatever the worker count
             self._next_step += 1

@@ -19,7 +19,11 @@ class ConfigError(ValueError):
 
     def __init__(self, key: str, message: str):
         self.key = key
+        self.message = message
         super().__init__(f"{key}: {message}")
+
+    def __reduce__(self):  # picklable across Hydra/submitit job boundaries
+        return (type(self), (self.key, self.message))
 
 
 Family = Literal["dense", "moe", "hybrid"]
