@@ -23,7 +23,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from train.parallel_ep import load_expert_shards, save_expert_shards
+from train.parallel_pp import (
+    has_layout_free_state,
+    layout_free_supported,
+    load_layout_free_state,
+    pipeline_stages,
+    save_layout_free_state,
+)
+
 TAG = "ds"
+UNIVERSAL_TAG = "universal"  # DeepSpeed universal checkpoint converted from TAG, for resuming under another layout
 
 
 class CheckpointError(RuntimeError):
@@ -75,7 +85,8 @@ def _barrier() -> None:
 
 
 def save_checkpoint(
-    engine: Any, run_dir: Path, step: int, data_state: dict[str, Any], config_yaml: str, keep_last: int
+    engine: Any, run_dir: Path, step: int, data_state: dict[str, Any], config_yaml: str, keep_last: int,
+    layout: Any = None,
 ) -> Path:
     """Collective: every rank calls it. Returns the published checkpoint directory."""
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -89,10 +100,17 @@ def save_checkpoint(
     error: Exception | None = None
     try:
         engine.save_checkpoint(str(tmp), tag=TAG, client_state={"step": step}, save_latest=False)
+        save_expert_shards(engine.module, tmp)  # expert-parallel runs: each EP rank's experts (else no-op)
+        if layout_free_supported(engine):  # model-named state: resume under another PP/DP layout
+            save_layout_free_state(engine, tmp)
         torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
         if rank == 0:
             (tmp / "config.yaml").write_text(config_yaml)
             meta = {"step": step, "data": data_state, "world_size": dist.get_world_size() if dist.is_initialized() else 1}
+            meta["pp"] = pipeline_stages(engine)
+            if layout is not None:  # train.parallel.Layout: lets a resume decide how to reshard
+                meta["layout"] = {"dp": layout.dp, "tp": layout.tp, "pp": layout.pp, "ep": layout.ep,
+                                  "zero_stage": engine.zero_optimization_stage()}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     except (OSError, RuntimeError) as e:  # full disk, quota, permissions (torch.save wraps write errors
         error = e  # in RuntimeError): report once, keep the last good checkpoint
@@ -159,15 +177,116 @@ def load_checkpoint(engine: Any, ckpt: Path) -> dict[str, Any]:
     rank = dist.get_rank() if dist.is_initialized() else 0
     meta = json.loads((ckpt / "meta.json").read_text())
     world = dist.get_world_size() if dist.is_initialized() else 1
-    if meta["world_size"] != world:
-        raise CheckpointError(
-            f"{ckpt} was saved with {meta['world_size']} ranks and this run has {world}; resuming at another "
-            "world size is not supported yet: resume with the same number of ranks"
-        )
+    pp = pipeline_stages(engine)
+    if engine.load_universal_checkpoint():  # the trainer saw a TP/DP layout change (universal_resume_needed)
+        _load_universal(engine, ckpt)
+        return meta
+    if meta["world_size"] != world or meta.get("pp", 1) != pp:
+        # Another layout: DeepSpeed's files are bound to theirs; the model-named copy (train.parallel_pp) is not.
+        if not (has_layout_free_state(ckpt) and layout_free_supported(engine)):
+            raise CheckpointError(
+                f"{ckpt} was saved with {meta['world_size']} ranks (pp={meta.get('pp', 1)}) and this run has {world} "
+                f"(pp={pp}); resuming under another layout needs a ZeRO 0/1 checkpoint without TP/EP: resume with "
+                "the same number of ranks and parallel settings"
+            )
+        load_layout_free_state(engine, ckpt)
+        return meta
     load_path, _ = engine.load_checkpoint(str(ckpt), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
     if load_path is None:
         raise CheckpointError(f"DeepSpeed found no engine state under {ckpt}/{TAG}; the checkpoint is incomplete")
+    try:
+        load_expert_shards(engine.module, ckpt)  # DeepSpeed's model file holds rank 0's experts only
+    except RuntimeError as e:
+        raise CheckpointError(str(e)) from e
     rng_file = ckpt / f"rng_rank{rank}.pt"
     if rng_file.exists():
         _set_rng_state(torch.load(rng_file, weights_only=False))
     return meta
+
+
+# ------------------------------------------------------------------------------ resuming under another layout
+# Another TP/DP layout goes through DeepSpeed's universal checkpoint (DESIGN 3): `ds_to_universal` turns the ZeRO
+# shards into one fp32 tensor + Adam moments per parameter name, and an engine built with
+# `"checkpoint": {"load_universal": true}` slices them for its own ZeRO partitioning and AutoTP shards. This is
+# DeepSpeed's own resharding, so nothing of ours has to know the flat-buffer layout. It needs ZeRO >= 1 on both
+# sides (ZeRO-0 keeps a plain torch optimizer state, which the universal loader does not read) and no pipeline
+# or expert parallelism (their files are ours: see train.parallel_pp's layout-free state for ZeRO 0/1 pipelines).
+# The conversion marks the checkpoint with DeepSpeed's universal-checkpoint version (`inject_missing_state`):
+# passing it as `client_state` at save time is refused by DeepSpeed 0.19 (a reserved key).
+
+
+def _saved_layout(meta: dict[str, Any], layout: Any) -> dict[str, Any]:
+    # Checkpoints written before layouts were recorded carry only world_size (and pp): take the current tp/ep,
+    # so they resume as before when the world size matches (DeepSpeed checks the rest).
+    saved = meta.get("layout") or {}
+    return {
+        "world": int(meta["world_size"]), "tp": int(saved.get("tp", layout.tp)),
+        "pp": int(saved.get("pp", meta.get("pp", 1))), "ep": int(saved.get("ep", layout.ep)),
+        "zero_stage": saved.get("zero_stage", "?"),
+    }
+
+
+def universal_resume_needed(ckpt: Path | None, layout: Any, zero_stage: int) -> bool:
+    """Whether resuming ``ckpt`` under ``layout`` must load a universal checkpoint (call before building the
+    engine: DeepSpeed takes `load_universal` from its config). False for the same layout, or for a layout change
+    that the pipeline's layout-free state handles (ZeRO 0/1, pipelines); raises CheckpointError if impossible."""
+    if ckpt is None:
+        return False
+    saved = _saved_layout(json.loads((Path(ckpt) / "meta.json").read_text()), layout)
+    saved_zero = saved["zero_stage"] if isinstance(saved["zero_stage"], int) else 0
+    now = {"world": layout.world, "tp": layout.tp, "pp": layout.pp, "ep": layout.ep}
+    if all(saved[k] == now[k] for k in now):
+        return False
+    if saved["pp"] > 1 or layout.pp > 1 or (saved["tp"] == 1 and layout.tp == 1 and max(saved_zero, zero_stage) <= 1):
+        return False  # pipelines and ZeRO 0/1 data parallelism: train.parallel_pp's layout-free state
+    what = (f"{ckpt} was saved with world {saved['world']} (tp {saved['tp']}, pp {saved['pp']}, ep {saved['ep']}, "
+            f"ZeRO-{saved['zero_stage']}) and this run has world {layout.world} (tp {layout.tp}, pp {layout.pp}, "
+            f"ep {layout.ep}, ZeRO-{zero_stage})")
+    if saved["ep"] > 1 or layout.ep > 1:
+        raise CheckpointError(f"{what}; expert-parallel checkpoints resume with the same layout only: relaunch with "
+                              f"{saved['world']} ranks and parallel.ep={saved['ep']}")
+    if saved_zero < 1 or zero_stage < 1:
+        raise CheckpointError(f"{what}; resuming under another tensor-parallel layout goes through DeepSpeed's "
+                              "universal checkpoint, which needs ZeRO stage >= 1 on both sides: set "
+                              "parallel.zero_stage=1 (or resume with the saved layout)")
+    return True
+
+
+def _convert_to_universal(ckpt: Path) -> Path:
+    """Rank 0: `ds_to_universal` of ``ckpt/TAG`` into ``ckpt/UNIVERSAL_TAG`` (once; published by a rename)."""
+    import argparse
+    import contextlib
+    import io
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    out = ckpt / UNIVERSAL_TAG
+    if out.exists():
+        return out
+    tmp = ckpt / f"{UNIVERSAL_TAG}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = argparse.Namespace(input_folder=str(ckpt / TAG), output_folder=str(tmp), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # progress bars
+        ds_to_universal(args)
+    os.replace(tmp, out)
+    return out
+
+
+def _load_universal(engine: Any, ckpt: Path) -> None:
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    error: Exception | None = None
+    if rank == 0:
+        try:
+            _convert_to_universal(ckpt)
+        except (OSError, RuntimeError, AssertionError, ValueError) as e:
+            error = e
+    if _any_rank(error is not None):
+        raise CheckpointError(f"converting {ckpt}/{TAG} to a universal checkpoint failed ({_describe(error)}); "
+                              "resume with the layout it was saved with")
+    _barrier()
+    load_path, _ = engine.load_checkpoint(
+        str(ckpt), tag=UNIVERSAL_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
+    if load_path is None:
+        raise CheckpointError(f"DeepSpeed found no universal state under {ckpt}/{UNIVERSAL_TAG}")

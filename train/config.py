@@ -28,26 +28,19 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     ep: int = 1
+    # How pipeline stages split the layers: parameters (balance parameter counts), uniform (layer counts),
+    # blocks (balance decoder blocks; embedding and head ride on the first and last stage). See train.parallel_pp.
+    pp_partition: str = "parameters"
 
-    def validate(self, world_size: int) -> int:
-        """Checks the layout against the world size; returns the data-parallel size."""
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError(
-                "parallel.zero_stage", f"got {self.zero_stage}; DeepSpeed ZeRO has stages 0-3 (parallel=zero0..zero3)"
-            )
-        for key in ("tp", "pp", "ep"):
-            size = getattr(self, key)
-            if size < 1:
-                raise ConfigError(f"parallel.{key}", f"must be >= 1, got {size}")
-            if size > 1:
-                raise ConfigError(
-                    f"parallel.{key}",
-                    f"{key}={size} is not supported by this version (data parallelism with ZeRO only); set parallel.{key}=1",
-                )
-        model_parallel = self.tp * self.pp
-        if world_size % model_parallel != 0:
-            raise ConfigError("parallel.tp", f"world size {world_size} is not divisible by tp*pp={model_parallel}")
-        return world_size // model_parallel
+    def validate(self, world_size: int, model: ModelConfig | None = None) -> int:
+        """Checks the layout against the model and the world size (train.parallel.validate_layout, before any
+        process group exists); returns the data-parallel size."""
+        from train.parallel import validate_layout
+        from train.parallel_pp import PP_PARTITIONS
+
+        if self.pp_partition not in PP_PARTITIONS:
+            raise ConfigError("parallel.pp_partition", f"got {self.pp_partition!r}; use one of {', '.join(PP_PARTITIONS)}")
+        return validate_layout(self, model if model is not None else ModelConfig(), world_size).dp
 
 
 @dataclass
@@ -185,7 +178,7 @@ def build_run_config(cfg: dict[str, Any], world_size: int | None = None) -> RunC
     logging_cfg = _from_dict(LoggingConfig, dict(cfg["logging"]), "logging")
     train = _from_dict(TrainConfig, dict(cfg["train"]), "train")
 
-    dp_size = parallel.validate(world_size)
+    dp_size = parallel.validate(world_size, model)
     optim.validate()
     train.validate(dp_size, model)
     sched.validate(train.steps)

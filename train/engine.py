@@ -90,10 +90,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    # torch's AdamW, not DeepSpeed's FusedAdam/CPUAdam, which JIT-compile for minutes on CPU.
-    return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=False
-    )
+    from train.parallel_ep import expert_param_groups
+
+    # torch's AdamW, not DeepSpeed's FusedAdam/CPUAdam, which JIT-compile for minutes on CPU. Expert-parallel
+    # parameters go into DeepSpeed's MoE param groups (unchanged without expert parallelism).
+    groups = expert_param_groups(param_groups(model, cfg.weight_decay))
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=False)
 
 
 def lr_multiplier(step: int, total_steps: int, sched: SchedConfig) -> float:
@@ -108,7 +110,7 @@ def lr_multiplier(step: int, total_steps: int, sched: SchedConfig) -> float:
         progress = min(1.0, (step - sched.warmup_steps) / span)
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
     # wsd: constant until the decay phase, then linear to the floor.
-    decay_steps = int(round(sched.decay_fraction * total_steps))
+    decay_steps = round(sched.decay_fraction * total_steps)
     decay_start = total_steps - decay_steps
     if step < decay_start or decay_steps == 0:
         return 1.0
@@ -139,17 +141,37 @@ def deepspeed_config(cfg: RunConfig, precision: str) -> dict[str, Any]:
     }
 
 
-def build_engine(model: nn.Module, cfg: RunConfig, precision: str):
-    """Wraps the model in a DeepSpeed engine with torch AdamW and our lr schedule."""
+def build_engine(model: nn.Module, cfg: RunConfig, precision: str, groups: Any = None, load_universal: bool = False):
+    """Wraps the model in a DeepSpeed engine with torch AdamW and our lr schedule.
+
+    ``groups`` (``train.parallel.ParallelGroups``) is DeepSpeed's ``mpu`` under tensor parallelism: it gives the
+    data-parallel size that turns the global batch into per-rank batches. With ``parallel.tp > 1`` DeepSpeed
+    AutoTP shards the model inside ``deepspeed.initialize`` (``train.parallel_tp``). ``load_universal``: the run
+    resumes a checkpoint of another layout (``train.checkpoint.universal_resume_needed``).
+    """
     import deepspeed
+
+    from train.parallel_ep import install_global_grad_clipping, own_clipping
 
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg)
+    ds_config = deepspeed_config(cfg, precision)
+    if own_clipping(model, cfg.parallel.zero_stage, precision) and cfg.train.grad_clip > 0:
+        # DeepSpeed's fp32 ZeRO-0 clipping averages per-rank norms, wrong when ranks hold different experts.
+        ds_config["gradient_clipping"] = 0.0
+        install_global_grad_clipping(optimizer, model, cfg.train.grad_clip)
+    if load_universal:
+        ds_config["checkpoint"] = {"load_universal": True}
+    if cfg.parallel.tp > 1:
+        from train.parallel_tp import autotp_config
+
+        ds_config["tensor_parallel"] = autotp_config(cfg.model, cfg.parallel.tp)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, precision),
+        config=ds_config,
+        mpu=groups if cfg.parallel.tp > 1 else None,
         dist_init_required=False,
     )
     return engine

@@ -55,7 +55,10 @@ def load_trained_model(path: Path) -> tuple[Transformer, ModelConfig]:
     raw = yaml.safe_load((ckpt / "config.yaml").read_text())
     cfg = ModelConfig.from_dict(raw["model"])
     model = Transformer(cfg)
-    state = {k: v.float() for k, v in _engine_state_dict(ckpt).items()}
+    from train.parallel_ep import merge_expert_shards
+
+    # Expert-parallel checkpoints keep each EP rank's experts in their own files.
+    state = {k: v.float() for k, v in merge_expert_shards(_engine_state_dict(ckpt), ckpt).items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("expert_bias")]
     if missing or unexpected:

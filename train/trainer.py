@@ -15,10 +15,27 @@ import torch.distributed as dist
 from data.stream import GlobalBatchLoader
 from model.flops import flops_per_token, param_counts
 from model.transformer import Transformer
-from train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from train.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    universal_resume_needed,
+)
 from train.config import RunConfig
 from train.engine import build_engine, init_distributed, resolve_device, resolve_precision
 from train.metrics import MetricsLogger, peak_flops_per_device
+from train.parallel import init_groups, make_layout
+from train.parallel_ep import apply_expert_parallel
+from train.parallel_ep import grad_norm as global_grad_norm
+from train.parallel_pp import (
+    build_pipeline_engine,
+    is_pipeline_engine,
+    pipeline_eval_step,
+    pipeline_moe_stats_and_bias_update,
+    pipeline_train_step,
+)
+from train.parallel_tp import is_tensor_parallel, tp_grad_norm
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: the job stopped on a signal after a checkpoint; requeue it
 
@@ -78,8 +95,10 @@ def train_step(engine: Any, batch: torch.Tensor, device: torch.device) -> dict[s
         out = engine(micro[:, :-1], labels=micro[:, 1:])
         engine.backward(out.loss)
         if own_norm and i == n - 1:
-            grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-            grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+            if is_tensor_parallel(engine.module):
+                grad_norm = tp_grad_norm(engine.module)  # shards summed over the TP group
+            else:
+                grad_norm = global_grad_norm(engine.module)  # expert shards of every EP rank included
         engine.step()  # DeepSpeed accumulates and steps the optimizer at the last micro-batch
         ce_sum += out.ce_loss.detach().float()
         aux_sum += out.aux_loss.detach().float()
@@ -126,6 +145,11 @@ def evaluate(engine: Any, cfg: RunConfig, device: torch.device, dp_rank: int) ->
     total = torch.zeros((), device=device)
     count = 0
     for i in range(cfg.train.eval_batches):
+        if is_pipeline_engine(engine):  # the pipeline runs the batch's micro-batches through all stages
+            batch = loader.batch(i)
+            total += pipeline_eval_step(engine, batch).to(device) * batch.shape[0]
+            count += batch.shape[0]
+            continue
         for micro in loader.batch(i):
             micro = micro.to(device)
             total += engine(micro[:, :-1], labels=micro[:, 1:]).ce_loss.float()
@@ -136,16 +160,37 @@ def evaluate(engine: Any, cfg: RunConfig, device: torch.device, dp_rank: int) ->
 
 def run(cfg: RunConfig, config_yaml: str) -> int:
     """Trains until `train.steps` (or `train.stop_at`, or a signal). Returns the process exit code."""
+    stop = StopRequest()  # first, so a signal during start-up still ends in a clean stop
     device = resolve_device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device)
     init_distributed(device)
     rank, world = _rank(), dist.get_world_size()
-    dp_rank = rank  # data parallelism only: every rank is a data-parallel rank
+    # TP ranks of one DP rank read the same data: the loader's rank/size are the layout's, not the global ones.
+    layout = make_layout(cfg.parallel, cfg.model, world, rank)
+    groups = init_groups(layout) if layout.is_model_parallel else None
+    dp_rank = layout.dp_rank
     is_main = rank == 0
     run_dir = cfg.run_dir
 
     model = build_model(cfg)
-    engine = build_engine(model, cfg, precision)
+    # Expert parallelism shards the experts before DeepSpeed sees the parameters (no-op for ep=1).
+    apply_expert_parallel(model, layout.ep, layout.dp_groups())
+    # Hook points: pipeline parallelism (layout.pp > 1) builds its own engine from `layout` (train.parallel_pp);
+    # tensor parallelism is applied by DeepSpeed AutoTP inside build_engine (train.parallel_tp).
+    # A TP/DP layout change since the last checkpoint is loaded through DeepSpeed's universal checkpoint, which
+    # DeepSpeed must know about when the engine is built (train.checkpoint.universal_resume_needed).
+    try:
+        universal = universal_resume_needed(
+            latest_checkpoint(run_dir) if cfg.train.resume == "auto" else None, layout, cfg.parallel.zero_stage
+        )
+    except CheckpointError as e:
+        if is_main:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    if layout.pp > 1:
+        engine = build_pipeline_engine(model, cfg, layout, precision)
+    else:
+        engine = build_engine(model, cfg, precision, groups, load_universal=universal)
     loader = GlobalBatchLoader(
         cfg.data,
         seq_len=cfg.train.seq_len,
@@ -188,12 +233,11 @@ def run(cfg: RunConfig, config_yaml: str) -> int:
     if is_main:
         print(
             f"model {cfg.model.name}: {counts['total'] / 1e6:.2f}M params ({counts['active'] / 1e6:.2f}M active) | "
-            f"world {world} (dp {cfg.dp_size}) | ZeRO-{cfg.parallel.zero_stage} | {precision} on {device.type} | "
+            f"world {world} ({_layout_text(layout)}) | ZeRO-{cfg.parallel.zero_stage} | {precision} on {device.type} | "
             f"global batch {cfg.train.global_batch_size} x {cfg.train.seq_len} tokens, grad accum {cfg.grad_accum_steps}",
             flush=True,
         )
 
-    stop = StopRequest()
     end_step = cfg.train.stop_at or cfg.train.steps
     step = start_step
     last_saved = start_step if ckpt is not None else -1
@@ -203,7 +247,7 @@ def run(cfg: RunConfig, config_yaml: str) -> int:
     def checkpoint() -> None:
         nonlocal last_saved
         if last_saved != step:
-            save_checkpoint(engine, run_dir, step, loader.state_dict(), config_yaml, cfg.train.keep_last)
+            save_checkpoint(engine, run_dir, step, loader.state_dict(), config_yaml, cfg.train.keep_last, layout)
             last_saved = step
 
     try:
@@ -216,7 +260,10 @@ def run(cfg: RunConfig, config_yaml: str) -> int:
                     print(f"stopped on signal at step {step}; checkpoint saved; exit {EXIT_PREEMPTED} (requeue)")
                 break
             lr = engine.get_lr()[0]
-            losses = train_step(engine, next(batches), device)
+            if layout.pp > 1:
+                losses = pipeline_train_step(engine, next(batches))
+            else:
+                losses = train_step(engine, next(batches), device)
             step += 1
             reduced = _mean_across_ranks(torch.stack([losses["ce_loss"], losses["aux_loss"]]))
             ce, aux = float(reduced[0]), float(reduced[1])
@@ -224,7 +271,10 @@ def run(cfg: RunConfig, config_yaml: str) -> int:
                 raise FloatingPointError(f"loss became {ce} at step {step}; lower optim.lr or check the data")
             first_loss = ce if first_loss is None else first_loss
             last_loss = ce
-            moe_stats = _moe_stats_and_bias_update(engine.module, step)
+            if layout.pp > 1:
+                moe_stats = pipeline_moe_stats_and_bias_update(engine)
+            else:
+                moe_stats = _moe_stats_and_bias_update(engine.module, step)
             if step % cfg.logging.log_every == 0 or step == end_step or step == start_step + 1:
                 grad_norm = losses["grad_norm"]
                 logger.log_train(
@@ -273,11 +323,16 @@ def run(cfg: RunConfig, config_yaml: str) -> int:
     return exit_code
 
 
+def _layout_text(layout: Any) -> str:
+    sizes = [f"dp {layout.dp}"] + [f"{k} {getattr(layout, k)}" for k in ("tp", "pp", "ep") if getattr(layout, k) > 1]
+    return ", ".join(sizes)
+
+
 def _print_where(run_dir: Path, first: float | None, last: float | None, start: int, step: int, wandb_dir: str | None) -> None:
     latest = latest_checkpoint(run_dir)
     print("-" * 72)
     if first is not None:
-        print(f"loss: {first:.4f} (step {start + 1}) -> {last:.4f} (step {step})")
+        print(f"cross-entropy: {first:.4f} (step {start + 1}) -> {last:.4f} (step {step})")
     print(f"run dir:     {run_dir.resolve()}")
     print(f"checkpoint:  {latest if latest else 'none'}")
     print(f"metrics:     {(run_dir / 'metrics.jsonl').resolve()}")

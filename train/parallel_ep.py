@@ -1,0 +1,363 @@
+"""Expert parallelism (EP) for `model.moe.MoE`, applied from outside the model, composed with DeepSpeed ZeRO.
+
+Layout: EP runs inside the data-parallel dimension, as in DeepSpeed MoE. Each data-parallel (DP) group is cut
+into EP groups of ``ep`` consecutive DP ranks; an EP rank keeps experts ``[ep_rank * E/ep, (ep_rank + 1) * E/ep)``
+of every MoE layer (w1/w3/w2 sliced along dim 0). Ranks at the same position of different EP groups hold the
+same experts and form an "expert data parallel" (EDP) group: expert gradients are averaged over it only (and
+divided by the full DP size, since each expert saw the tokens of the whole DP group), while the router and the
+dense parameters are averaged over all DP ranks.
+
+Forward of one MoE layer (router replicated, unchanged): each rank routes its own tokens exactly as on one
+device, groups token slots by expert, then ``_run_experts`` is replaced by a dropless exchange:
+  1. all_to_all of the per-expert slot counts (so every rank knows how many rows it receives, per expert);
+  2. variable-size all_to_all_single of the rows (rows for EP rank r are contiguous since experts are sorted);
+  3. the local experts run on the received rows, regrouped by local expert;
+  4. the reverse all_to_all_single brings the results home, where `MoE.forward` weighs and combines them.
+
+Auxiliary losses: every rank computes the load-balancing loss and z-loss on the tokens of its own micro-batch,
+before dispatch (the Mixtral / Megatron convention), which is what `MoE.forward` does on one device. So a run with
+EP matches a one-rank run with the same micro-batch size and gradient accumulation exactly: the same micro-batches
+give the same per-micro-batch statistics, and the capacity factor (when set) is also per micro-batch.
+
+DeepSpeed integration (0.19): expert parameters carry ``allreduce = False`` and ``group_name = "ep_size_{ep}"``
+and the optimizer's param groups are split with `split_params_into_different_moe_groups_for_optimizer`; the EP
+and EDP groups are registered in `deepspeed.utils.groups` under that name. DeepSpeed only switches its MoE code
+paths on (expert-group gradient reduction, ZeRO-1/2 partitioning of expert groups over the EDP group, per-EP-rank
+optimizer files) when the model contains an instance of `deepspeed.moe.layer.MoE`; a parameter-free marker of
+that class is attached to the model for this. Its ``num_local_experts`` is 0, so DeepSpeed writes no expert files
+of its own (its format expects its own `Experts` modules): `save_expert_shards` / `load_expert_shards` store each
+EP rank's expert weights next to DeepSpeed's files. ZeRO-3 (DeepSpeed's native MoE refuses it), and TP or PP together
+with EP, are refused by `train.parallel.validate_layout` when the config is built.
+
+Gradient clipping: DeepSpeed's ZeRO-1/2 and bf16 optimizers sum expert-gradient norms over the EP group, but its
+fp32 ZeRO-0 path averages each rank's local norm (`deepspeed.runtime.utils.clip_grad_norm_`), which is not the norm
+of the whole gradient when ranks hold different experts; there `train.engine` turns DeepSpeed's clipping off and
+`install_global_grad_clipping` clips with `grad_norm` (dense part once + expert parts summed over the EP group).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.config import ConfigError
+from model.moe import MoE, _grouped_mm_usable
+
+
+def expert_group_name(ep: int) -> str:
+    """DeepSpeed's name for the EP/EDP groups of size ``ep`` (`deepspeed.moe.layer.MoE` uses the same)."""
+    return f"ep_size_{ep}"
+
+
+# ----------------------------------------------------------------------------------------------- groups
+@dataclass
+class ExpertGroups:
+    ep: int
+    name: str
+    ep_group: Any  # torch ProcessGroup: the ranks exchanging tokens
+    ep_rank: int
+    ep_ranks: list[int]
+    edp_group: Any  # ranks holding the same experts: expert gradients are reduced here
+    edp_ranks: list[int]
+
+
+def create_expert_groups(ep: int, dp_groups: list[list[int]] | None = None) -> ExpertGroups:
+    """Collective. Creates the EP and EDP groups and registers them with DeepSpeed under `expert_group_name(ep)`.
+
+    ``dp_groups``: every data-parallel group as global ranks in DP-rank order (default: one group, all ranks).
+    EP groups are consecutive DP ranks, EDP groups strided by ``ep`` (DeepSpeed's default E+D layout).
+    """
+    world, rank = dist.get_world_size(), dist.get_rank()
+    dp_groups = dp_groups or [list(range(world))]
+    name = expert_group_name(ep)
+    mine: dict[str, Any] = {}
+    for dp in dp_groups:  # every rank creates every group, in the same order (new_group is collective)
+        if len(dp) % ep != 0:
+            raise ConfigError("parallel.ep", f"ep={ep} must divide the data-parallel size {len(dp)}")
+        for start in range(0, len(dp), ep):
+            ranks = dp[start:start + ep]
+            group = dist.new_group(ranks)
+            if rank in ranks:
+                mine["ep"] = (group, ranks)
+        for pos in range(ep):
+            ranks = dp[pos::ep]
+            group = dist.new_group(ranks)
+            if rank in ranks:
+                mine["edp"] = (group, ranks)
+    if "ep" not in mine:
+        raise RuntimeError(f"rank {rank} is in none of the data-parallel groups {dp_groups}")
+    from deepspeed.utils import groups as ds_groups
+
+    # DeepSpeed keeps its EP/EDP groups in module dicts keyed by name (filled by `deepspeed.moe.layer.MoE`
+    # through `_create_expert_and_data_parallel`, which only knows its own rank orders): register ours.
+    ds_groups._EXPERT_PARALLEL_GROUP[name], ds_groups._EXPERT_PARALLEL_GROUP_RANKS[name] = mine["ep"]
+    ds_groups._EXPERT_DATA_PARALLEL_GROUP[name], ds_groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name] = mine["edp"]
+    ep_group, ep_ranks = mine["ep"]
+    return ExpertGroups(
+        ep=ep, name=name, ep_group=ep_group, ep_rank=ep_ranks.index(rank), ep_ranks=list(ep_ranks),
+        edp_group=mine["edp"][0], edp_ranks=list(mine["edp"][1]),
+    )
+
+
+# --------------------------------------------------------------------------------------- all-to-all
+class _AllToAll(torch.autograd.Function):
+    """Variable-size all_to_all_single whose backward is the reverse exchange.
+
+    Hand-written (12 lines) rather than `torch.distributed.nn.functional.all_to_all_single`: that one is
+    deprecated in torch 2.13 (a warning per call), and its replacement lives in a private module.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, out_splits: list[int], in_splits: list[int], group: Any) -> Tensor:
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        out = x.new_empty((sum(out_splits), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        out_splits, in_splits = ctx.splits
+        return _AllToAll.apply(grad.contiguous(), in_splits, out_splits, ctx.group), None, None, None
+
+
+def all_to_all(x: Tensor, out_splits: list[int], in_splits: list[int], group: Any) -> Tensor:
+    """Sends ``x[sum(in_splits[:r]) : +in_splits[r]]`` to rank r of ``group``; returns the received rows."""
+    return _AllToAll.apply(x, out_splits, in_splits, group)
+
+
+# ------------------------------------------------------------------------------------------ the layer
+class ExpertParallelMoE(MoE):
+    """`MoE` whose experts are sharded over an EP group; only ``_run_experts`` differs (see the module doc).
+
+    Made from an existing `MoE` by `shard_moe` (the class of the instance is switched, so routing, losses,
+    statistics, ``update_bias`` and parameter names stay exactly those of the single-device layer).
+    """
+
+    ep_size: int
+    ep_rank: int
+    ep_group: Any
+    num_local_experts: int
+
+    def _run_experts(self, grouped: Tensor, counts: Tensor) -> Tensor:
+        ep, local = self.ep_size, self.num_local_experts
+        send_counts = counts.to(torch.int64).reshape(ep, local)  # row r: slots for EP rank r's experts
+        recv_counts = torch.empty_like(send_counts)  # row s: slots EP rank s sends to each local expert
+        dist.all_to_all_single(recv_counts, send_counts, group=self.ep_group)
+        in_splits = send_counts.sum(1).tolist()
+        out_splits = recv_counts.sum(1).tolist()
+        received = all_to_all(grouped, out_splits, in_splits, self.ep_group)
+
+        # Received rows are ordered (source, local expert): regroup by local expert, sources in rank order.
+        expert_of_row = torch.arange(local, device=grouped.device).repeat(ep).repeat_interleave(recv_counts.reshape(-1))
+        order = torch.argsort(expert_of_row, stable=True)
+        out = self._run_local_experts(received[order], recv_counts.sum(0))
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        return all_to_all(out[inverse], in_splits, out_splits, self.ep_group)
+
+    def _run_local_experts(self, rows: Tensor, counts: Tensor) -> Tensor:
+        if _grouped_mm_usable(rows):
+            return super()._run_experts(rows, counts)
+        # Unlike `MoE._run_experts`, empty slices are not skipped: the output must stay connected to the
+        # autograd graph even when this rank received no rows, or its backward would skip the reverse
+        # all_to_all that the other ranks wait for.
+        outputs = []
+        for e, part in enumerate(rows.split(counts.tolist())):
+            hidden = F.silu(part @ self.w1[e].t()) * (part @ self.w3[e].t())
+            outputs.append(hidden @ self.w2[e].t())
+        return torch.cat(outputs)
+
+
+def shard_moe(moe: MoE, groups: ExpertGroups) -> ExpertParallelMoE:
+    """Keeps this EP rank's experts of ``moe`` (in place) and marks them as DeepSpeed expert parameters."""
+    ep, rank = groups.ep, groups.ep_rank
+    if moe.num_experts % ep != 0:
+        raise ConfigError("parallel.ep", f"ep={ep} must divide model.num_experts={moe.num_experts}")
+    local = moe.num_experts // ep
+    for name in ("w1", "w3", "w2"):
+        full = getattr(moe, name)
+        if full.shape[0] != moe.num_experts:
+            raise RuntimeError(f"{name} has {full.shape[0]} experts, expected {moe.num_experts}: sharded twice?")
+        shard = nn.Parameter(full.detach()[rank * local:(rank + 1) * local].clone(), requires_grad=full.requires_grad)
+        shard.allreduce = False  # DeepSpeed: reduce over the expert-data-parallel group, not all DP ranks
+        shard.group_name = groups.name
+        setattr(moe, name, shard)
+    moe.__class__ = ExpertParallelMoE
+    moe.ep_size, moe.ep_rank, moe.ep_group, moe.num_local_experts = ep, rank, groups.ep_group, local
+    return moe
+
+
+@functools.cache
+def _deepspeed_marker_class() -> type[nn.Module]:
+    from deepspeed.moe.layer import MoE as DeepSpeedMoE
+
+    class DeepSpeedMoEMarker(DeepSpeedMoE):
+        """Parameter-free; its presence makes DeepSpeed's engine take its MoE code paths (see module doc)."""
+
+        def __init__(self, num_experts: int, ep: int):
+            nn.Module.__init__(self)  # not DeepSpeedMoE.__init__: it would build its own gate and experts
+            self.num_experts, self.ep_size = num_experts, ep
+            self.expert_group_name = expert_group_name(ep)
+            self.num_local_experts = 0  # DeepSpeed writes/reads no expert files: we save the shards ourselves
+            self.use_residual = False
+            self.enable_expert_tensor_parallelism = False
+
+        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+            from deepspeed.utils import groups as ds_groups
+
+            if self.expert_group_name not in ds_groups._get_expert_parallel_group_dict():
+                raise RuntimeError("expert groups missing: call train.parallel_ep.apply_expert_parallel first")
+
+        def forward(self, *args: Any, **kwargs: Any) -> None:
+            raise RuntimeError("DeepSpeedMoEMarker is a marker for DeepSpeed's engine and is never called")
+
+    return DeepSpeedMoEMarker
+
+
+MARKER_NAME = "deepspeed_moe_marker"
+
+
+def apply_expert_parallel(model: nn.Module, ep: int, dp_groups: list[list[int]] | None = None) -> ExpertGroups | None:
+    """Collective. Shards the experts of every `MoE` of ``model`` over EP groups of size ``ep``; no-op for ep=1.
+
+    Call after building the model (same seed on every rank) and before `train.engine.build_engine`.
+    """
+    if ep == 1:
+        return None
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    if not moes:
+        raise ConfigError("parallel.ep", f"ep={ep} needs a model with MoE layers; use parallel.ep=1")
+    groups = create_expert_groups(ep, dp_groups)
+    for moe in moes:
+        shard_moe(moe, groups)
+    model.add_module(MARKER_NAME, _deepspeed_marker_class()(moes[0].num_experts, ep))
+    return groups
+
+
+def is_expert_param(p: Tensor) -> bool:
+    return getattr(p, "allreduce", True) is False
+
+
+def expert_param_groups(param_groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Optimizer param groups with the expert parameters moved into DeepSpeed's MoE groups (unchanged when
+    there are none). ZeRO-1/2 partition each such group over its expert-data-parallel group."""
+    if not any(is_expert_param(p) for g in param_groups for p in g["params"]):
+        return param_groups
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    named = [{"name": g.get("name", f"group{i}"), **g} for i, g in enumerate(param_groups)]
+    return split_params_into_different_moe_groups_for_optimizer(named)
+
+
+# ------------------------------------------------------------------------------------ gradient norm
+def _ep_group_of(model: nn.Module) -> Any | None:
+    for m in model.modules():
+        if isinstance(m, ExpertParallelMoE):
+            return m.ep_group
+    return None
+
+
+def grad_norm(model: nn.Module) -> Tensor:
+    """L2 norm of the full (global) gradient after DeepSpeed's reduction, expert shards of all EP ranks included.
+
+    Dense gradients are identical on every rank; each EP rank adds the squares of its own experts' gradients.
+    """
+    dense = [p.grad for p in model.parameters() if p.grad is not None and not is_expert_param(p)]
+    expert = [p.grad for p in model.parameters() if p.grad is not None and is_expert_param(p)]
+    sq = torch.zeros((), dtype=torch.float32, device=(dense or expert)[0].device)
+    for g in dense:
+        sq += g.float().square().sum()
+    ep_group = _ep_group_of(model)
+    if ep_group is not None:
+        expert_sq = torch.zeros_like(sq)
+        for g in expert:
+            expert_sq += g.float().square().sum()
+        dist.all_reduce(expert_sq, group=ep_group)
+        sq += expert_sq
+    return sq.sqrt()
+
+
+def install_global_grad_clipping(optimizer: torch.optim.Optimizer, model: nn.Module, max_norm: float) -> None:
+    """ZeRO-0 with EP: DeepSpeed's fp32 clipping averages each rank's norm (each rank sees other experts), which
+    is not the global norm; build the engine with gradient_clipping=0 and clip here, right before the update."""
+
+    def clip(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        norm = grad_norm(model)
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(coef.to(p.grad.dtype))
+
+    optimizer.register_step_pre_hook(clip)
+
+
+def own_clipping(model: nn.Module, zero_stage: int, precision: str) -> bool:
+    """Whether `install_global_grad_clipping` must replace DeepSpeed's clipping: EP model, fp32 ZeRO-0 (DeepSpeed's
+    ZeRO-1/2 and bf16 optimizers sum the expert norms over the EP group themselves)."""
+    return zero_stage == 0 and precision == "fp32" and _ep_group_of(model) is not None
+
+
+# -------------------------------------------------------------------------------------- checkpoints
+def _shard_file(ckpt_dir: Path, groups_ep: int, ep_rank: int) -> Path:
+    return Path(ckpt_dir) / f"experts_ep{ep_rank}_of_{groups_ep}.pt"
+
+
+def save_expert_shards(model: nn.Module, ckpt_dir: Path) -> None:
+    """Collective-free: the first rank of each EDP group writes its EP rank's expert weights (no-op without EP).
+    DeepSpeed's model file holds only rank 0's experts (its expert files expect its own layer class)."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, ExpertParallelMoE)}
+    if not layers:
+        return
+    first = next(iter(layers.values()))
+    from deepspeed.utils import groups as ds_groups
+
+    if ds_groups._get_expert_data_parallel_rank(expert_group_name(first.ep_size)) != 0:
+        return
+    state = {f"{n}.{w}": getattr(m, w).detach().cpu().clone() for n, m in layers.items() for w in ("w1", "w3", "w2")}
+    torch.save({"ep": first.ep_size, "ep_rank": first.ep_rank, "experts": state},
+               _shard_file(ckpt_dir, first.ep_size, first.ep_rank))
+
+
+@torch.no_grad()
+def load_expert_shards(model: nn.Module, ckpt_dir: Path) -> None:
+    """Restores this EP rank's expert weights after `engine.load_checkpoint` (no-op without EP)."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, ExpertParallelMoE)}
+    if not layers:
+        return
+    first = next(iter(layers.values()))
+    path = _shard_file(ckpt_dir, first.ep_size, first.ep_rank)
+    if not path.exists():
+        saved = sorted(p.name for p in Path(ckpt_dir).glob("experts_ep*_of_*.pt"))
+        raise RuntimeError(
+            f"{ckpt_dir} has no expert shard {path.name} (found {saved or 'none'}): it was saved with another "
+            f"parallel.ep; resume with the parallel.ep it was saved with"
+        )
+    state = torch.load(path, map_location="cpu", weights_only=True)["experts"]
+    for n, m in layers.items():
+        for w in ("w1", "w3", "w2"):
+            getattr(m, w).copy_(state[f"{n}.{w}"])
+
+
+def merge_expert_shards(state: dict[str, Tensor], ckpt_dir: Path) -> dict[str, Tensor]:
+    """Full-size expert weights [E, ...] in ``state`` (a consolidated model state dict read from DeepSpeed's files,
+    which hold one EP rank's experts), concatenated from the shard files of an expert-parallel checkpoint; ``state``
+    unchanged when the checkpoint has none. For exporting / scoring an EP checkpoint on one process."""
+    files = sorted(Path(ckpt_dir).glob("experts_ep*_of_*.pt"))
+    if not files:
+        return state
+    shards = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
+    ep = shards[0]["ep"]
+    by_rank = {s["ep_rank"]: s["experts"] for s in shards}
+    if sorted(by_rank) != list(range(ep)):
+        raise RuntimeError(f"{ckpt_dir}: expert shards of EP ranks {sorted(by_rank)} found, expected 0..{ep - 1}")
+    merged = dict(state)
+    for name in by_rank[0]:
+        merged[name] = torch.cat([by_rank[r][name] for r in range(ep)], dim=0)
+    return merged
