@@ -55,3 +55,8 @@ lint: $(STAMP)
 
 clean:
 	rm -rf runs multirun outputs artifacts
+
+# The dense scaling ladder (conf/experiment/scaling_dense.yaml): 9 tiny runs on the bundled corpus, one after
+# another, then the fitted laws, the hold-out check and the plot in runs/scaling/report (docs/scaling.md).
+scaling: data
+	PYTHON=$(PYTHON) scripts/scaling_ladder.sh runs/scaling

@@ -96,7 +96,7 @@ class ModelConfig:
         return self.num_experts > 0 and i % self.expert_layer_period == self.expert_layer_offset
 
     # ------------------------------------------------------------- validation
-    def validate(self, prefix: str = "model") -> "ModelConfig":
+    def validate(self, prefix: str = "model") -> ModelConfig:
         def err(key: str, msg: str) -> ConfigError:
             return ConfigError(f"{prefix}.{key}", msg)
 
@@ -139,7 +139,7 @@ class ModelConfig:
         return self
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], prefix: str = "model") -> "ModelConfig":
+    def from_dict(cls, d: dict[str, Any], prefix: str = "model") -> ModelConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

@@ -35,7 +35,14 @@ from train.scaling_fit import (  # noqa: F401  (re-exported: the public API live
     fit_compute_frontier,
     predict_loss,
 )
-from train.scaling_ladder import dense_param_counts, ladder, ladder_sizes, model_shape_for_params, scaled_hparams  # noqa: F401
+from train.scaling_ladder import (  # noqa: F401
+    dense_param_counts,
+    ladder,
+    ladder_sizes,
+    model_shape_for_params,
+    scaled_hparams,
+    write_rung_configs,
+)
 
 ParamsKind = Literal["active", "nonembedding"]
 _RUN_MARKERS = ("summary.json", "metrics.jsonl", "config.yaml")
@@ -327,6 +334,8 @@ def _parser() -> argparse.ArgumentParser:
     lad.add_argument("--vocab", type=int, required=True)
     lad.add_argument("--seq-len", type=int, required=True)
     lad.add_argument("--tokens-per-param", type=_float_list, default=[20.0], help="one or more, e.g. 10,20,40")
+    lad.add_argument("--tokens", type=_float_list,
+                     help="absolute token budgets for every size, e.g. 2e5,4e5 (instead of --tokens-per-param)")
     lad.add_argument("--count", choices=["nonembedding", "total"], default="nonembedding")
     lad.add_argument("--base-lr", type=float, default=3e-3, help="lr of the base size")
     lad.add_argument("--base-n", type=float, help="base size (default: the smallest rung)")
@@ -337,7 +346,21 @@ def _parser() -> argparse.ArgumentParser:
     lad.add_argument("--warmup-fraction", type=float, default=0.05, help="warm-up steps as a fraction of steps")
     lad.add_argument("--run-dir-prefix", help="add run_dir=PREFIX/<rung name> to each line")
     lad.add_argument("--json", action="store_true", help="print the rungs as JSON")
+    lad.add_argument("--write-configs", metavar="DIR",
+                     help="also write one Hydra config per rung to DIR (e.g. conf/experiment/ladder/dense), "
+                     "replacing the rung configs written there before")
+    lad.add_argument("--append", action="store_true",
+                     help="with --write-configs: keep the rung configs already in DIR (to combine several calls)")
     return p
+
+
+def _config_group(directory: str) -> str:
+    """The Hydra group name of a directory under conf/ (the group path relative to conf/)."""
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    try:
+        return Path(directory).resolve().relative_to(conf).as_posix()
+    except ValueError:
+        return f"<group of {directory} under a Hydra config dir>"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -346,11 +369,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "ladder":
             rungs = ladder(
                 args.sizes, args.vocab, args.seq_len, base_lr=args.base_lr, base_n=args.base_n,
-                tokens_per_param=args.tokens_per_param, count=args.count, run_dir_prefix=args.run_dir_prefix,
+                tokens_per_param=args.tokens_per_param, tokens=args.tokens, count=args.count,
+                run_dir_prefix=args.run_dir_prefix,
                 base_batch_size=args.base_batch, lr_exponent=args.lr_exponent,
                 batch_exponent=args.batch_exponent, batch_multiple=args.batch_multiple,
                 warmup_fraction=args.warmup_fraction,
             )
+            if args.write_configs:
+                command = "python -m train.scaling " + " ".join(sys.argv[1:] if argv is None else argv)
+                paths = write_rung_configs(rungs, args.write_configs, command, replace=not args.append)
+                print(f"# wrote {len(paths)} rung configs to {args.write_configs}; sweep them with "
+                      f"python -m train --multirun +{_config_group(args.write_configs)}=glob(*)", file=sys.stderr)
             if args.json:
                 print(json.dumps(rungs, indent=2))
             for r in [] if args.json else rungs:
