@@ -73,6 +73,7 @@ class MetricsLogger:
         self._step_last = start_step
         self._t_start = self._t_last
         self._wandb = None
+        self._logged = False
         if not enabled:
             return
         self._truncate_after(start_step)
@@ -108,11 +109,13 @@ class MetricsLogger:
         if not self.enabled:
             return record
         self._write(record)
-        eta = (self.total_steps - step) * dt / steps
+        # The first interval after a (re)start includes start-up time: no ETA from it.
+        eta = _fmt_duration((self.total_steps - step) * dt / steps) if self._logged else "--"
+        self._logged = True
         print(
             f"step {step:>6}/{self.total_steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
             f"gnorm {record['grad_norm']:.3f} | tokens {_si(record['tokens'])} | {_si(tokens_per_s)} tok/s | "
-            f"MFU {100 * record['mfu']:.2f}% | {_si(record['flops'])}FLOP | ETA {_fmt_duration(eta)}",
+            f"MFU {100 * record['mfu']:.2f}% | {_si(record['flops'])}FLOP | ETA {eta}",
             flush=True,
         )
         if self._wandb is not None:
