@@ -66,14 +66,15 @@ def _limit_file_size() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="failed in a fresh-clone run after the parallel checkpoint changes (layout/universal/"
-                   "expert state); passed before them; cause not yet found (issue #2 note)", strict=False)
+@pytest.mark.xfail(reason="the run prints the one-line error and keeps the last good checkpoint, but then does not "
+                   "exit (seen in a fresh clone); suspect DataLoader workers that now ignore SIGTERM (issue #2 note)",
+                   strict=False)
 def test_failed_checkpoint_save_keeps_last_good_one(tmp_path, sample_data):
     run_dir = tmp_path / "run"
     run_train([*TINY, f"run_dir={run_dir}", "train.stop_at=5"])
     good = (run_dir / "checkpoints" / "latest").resolve()
     before = sorted(p.name for p in good.rglob("*"))
-    proc = run_train([*TINY, f"run_dir={run_dir}"], check=False, preexec_fn=_limit_file_size)
+    proc = run_train([*TINY, f"run_dir={run_dir}"], check=False, preexec_fn=_limit_file_size, timeout=240)
     assert proc.returncode == 1
     err = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(err) == 1 and "step 10" in err[0] and "step_5" in err[0] and "free disk space" in err[0], proc.stderr
