@@ -288,7 +288,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:  # bad input: one line, no traceback
-        sys.exit(f"error: {exc}")
+    from data.cli import run_cli
+
+    run_cli(main)

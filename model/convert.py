@@ -37,6 +37,19 @@ EXPERT_NAMES = {
     "mixtral": {"w1": "w1", "w2": "w2", "w3": "w3"},
     "jamba": {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"},
 }
+# Config fields with the same meaning in both: ours -> HF's (converted the same way in both directions).
+COMMON_FIELDS = {
+    "vocab_size": "vocab_size", "d_model": "hidden_size", "n_layers": "num_hidden_layers",
+    "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads", "ffn_hidden": "intermediate_size",
+    "max_seq_len": "max_position_embeddings", "norm_eps": "rms_norm_eps", "tie_embeddings": "tie_word_embeddings",
+    "init_std": "initializer_range",
+}
+JAMBA_FIELDS = {
+    "expert_layer_period": "expert_layer_period", "expert_layer_offset": "expert_layer_offset",
+    "aux_loss_coeff": "router_aux_loss_coef", "attn_layer_period": "attn_layer_period",
+    "attn_layer_offset": "attn_layer_offset", "mamba_d_state": "mamba_d_state", "mamba_d_conv": "mamba_d_conv",
+    "mamba_expand": "mamba_expand", "mamba_conv_bias": "mamba_conv_bias", "mamba_proj_bias": "mamba_proj_bias",
+}
 # Buffers that HF checkpoints may carry but that are derived, not learned.
 IGNORED_HF_KEYS = re.compile(r".*rotary_emb\.inv_freq$")
 
@@ -56,21 +69,11 @@ def config_from_hf(hf_config) -> ModelConfig:
     _require(not getattr(hf_config, "attention_bias", False), "attention_bias=True is not supported")
     _require(not getattr(hf_config, "mlp_bias", False), "mlp_bias=True is not supported")
     _require(getattr(hf_config, "rope_scaling", None) is None, "rope_scaling is not supported (plain RoPE only)")
-    common = {
-        "name": f"{model_type}_from_hf",
-        "family": FAMILY[model_type],
-        "vocab_size": hf_config.vocab_size,
-        "d_model": hf_config.hidden_size,
-        "n_layers": hf_config.num_hidden_layers,
-        "n_heads": hf_config.num_attention_heads,
-        "n_kv_heads": hf_config.num_key_value_heads,
-        "head_dim": getattr(hf_config, "head_dim", None),
-        "ffn_hidden": hf_config.intermediate_size,
-        "max_seq_len": hf_config.max_position_embeddings,
-        "norm_eps": hf_config.rms_norm_eps,
-        "tie_embeddings": bool(hf_config.tie_word_embeddings),
-        "init_std": hf_config.initializer_range,
-    }
+    common = {ours: getattr(hf_config, theirs) for ours, theirs in COMMON_FIELDS.items()}
+    common.update(
+        name=f"{model_type}_from_hf", family=FAMILY[model_type], head_dim=getattr(hf_config, "head_dim", None),
+        tie_embeddings=bool(common["tie_embeddings"]),
+    )
     if model_type == "llama":
         return ModelConfig(**common, rope_theta=hf_config.rope_theta).validate()
     if model_type == "mixtral":
@@ -89,17 +92,8 @@ def config_from_hf(hf_config) -> ModelConfig:
         num_experts=hf_config.num_experts if hf_config.num_experts > 1 else 0,
         top_k=hf_config.num_experts_per_tok,
         moe_renormalize=False,  # Jamba weighs experts by their raw softmax probabilities
-        expert_layer_period=hf_config.expert_layer_period,
-        expert_layer_offset=hf_config.expert_layer_offset,
-        aux_loss_coeff=hf_config.router_aux_loss_coef,
-        attn_layer_period=hf_config.attn_layer_period,
-        attn_layer_offset=hf_config.attn_layer_offset,
-        mamba_d_state=hf_config.mamba_d_state,
-        mamba_d_conv=hf_config.mamba_d_conv,
-        mamba_expand=hf_config.mamba_expand,
         mamba_dt_rank=hf_config.mamba_dt_rank,
-        mamba_conv_bias=hf_config.mamba_conv_bias,
-        mamba_proj_bias=hf_config.mamba_proj_bias,
+        **{ours: getattr(hf_config, theirs) for ours, theirs in JAMBA_FIELDS.items()},
     ).validate()
 
 
@@ -112,19 +106,7 @@ def config_to_hf(cfg: ModelConfig, use_mamba_kernels: bool = False):
     from transformers import JambaConfig, LlamaConfig, MixtralConfig
 
     cfg.validate()
-    common = {
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.d_model,
-        "intermediate_size": cfg.ffn_hidden,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads,
-        "max_position_embeddings": cfg.max_seq_len,
-        "rms_norm_eps": cfg.norm_eps,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "initializer_range": cfg.init_std,
-        "hidden_act": "silu",
-    }
+    common = {theirs: getattr(cfg, ours) for ours, theirs in COMMON_FIELDS.items()} | {"hidden_act": "silu"}
     if cfg.family == "dense":
         _require(cfg.use_rope, "a dense model without RoPE has no Llama equivalent (set use_rope=true)")
         return LlamaConfig(**common, head_dim=cfg.resolved_head_dim, rope_theta=cfg.rope_theta)
@@ -163,19 +145,10 @@ def config_to_hf(cfg: ModelConfig, use_mamba_kernels: bool = False):
         **common,
         num_experts=max(cfg.num_experts, 1),
         num_experts_per_tok=cfg.top_k if cfg.num_experts > 0 else 1,
-        expert_layer_period=cfg.expert_layer_period,
-        expert_layer_offset=cfg.expert_layer_offset,
-        router_aux_loss_coef=cfg.aux_loss_coeff,
-        attn_layer_period=cfg.attn_layer_period,
-        attn_layer_offset=cfg.attn_layer_offset,
         use_mamba_kernels=use_mamba_kernels,
-        mamba_d_state=cfg.mamba_d_state,
-        mamba_d_conv=cfg.mamba_d_conv,
-        mamba_expand=cfg.mamba_expand,
         mamba_dt_rank=cfg.resolved_dt_rank,
-        mamba_conv_bias=cfg.mamba_conv_bias,
-        mamba_proj_bias=cfg.mamba_proj_bias,
         sliding_window=None,
+        **{theirs: getattr(cfg, ours) for ours, theirs in JAMBA_FIELDS.items()},
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 
 import pytest
+import torch
 
 from tests.utils import PYTHON, REPO, SAMPLE_DATA, child_env
 
@@ -15,3 +16,13 @@ def sample_data():
     if not (SAMPLE_DATA / "index.json").exists():
         subprocess.run(["make", "-s", "data", f"PYTHON={PYTHON}", "STAMP="], cwd=REPO, env=child_env(), check=True)
     return SAMPLE_DATA
+
+
+@pytest.fixture(autouse=True, scope="session")
+def single_thread():
+    """In-process references use tiny tensors, which gain nothing from threads; OpenMP threads spinning on a
+    shared, busy CPU slow thousands of small ops by 10-100x. (Launched trainers get OMP_NUM_THREADS=1.)"""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -22,17 +22,6 @@ from model.mamba import (
     selective_scan_ref,
 )
 
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny tensors gain nothing from threads, and OpenMP threads spinning on a shared, busy CPU slow
-    thousands of small ops by 10-100x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
 

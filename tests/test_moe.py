@@ -15,16 +15,6 @@ from model.config import ConfigError, ModelConfig
 from model.moe import MoE
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny tensors gain nothing from threads, and OpenMP threads spinning on a shared, busy CPU slow
-    thousands of small ops by 10-100x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def moe_config(**overrides) -> ModelConfig:
     base = {
         "family": "moe",

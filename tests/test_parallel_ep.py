@@ -10,7 +10,6 @@ train/parallel_ep.py).
 from __future__ import annotations
 
 import os
-import shutil
 import traceback
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch.multiprocessing as mp
 
 from model.config import ModelConfig
 from model.moe import MoE
-from tests.utils import REPO, TINY, free_port, run_train
+from tests.utils import REPO, TINY, free_port, run_train, start_from_checkpoint
 
 E, K, D, FFN = 4, 2, 16, 24
 
@@ -254,9 +253,7 @@ def reference(sample_data):
 
 def _resume_from_step_5(full: Path, part: Path, args: list[str]) -> None:
     """A new launch resumes from the full run's step-5 checkpoint: steps 6-10 are bit-identical to the full run."""
-    (part / "checkpoints").mkdir(parents=True)
-    shutil.copytree(full / "checkpoints" / "step_5", part / "checkpoints" / "step_5")
-    os.symlink("step_5", part / "checkpoints" / "latest")
+    start_from_checkpoint(full, part, 5)
     proc = run_train([*args, f"run_dir={part}"], nproc=2)
     assert "resumed from" in proc.stdout
     resumed, ref = _train_metrics(part), _train_metrics(full)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -55,13 +56,20 @@ def train_cmd(overrides: list[str], nproc: int = 1) -> list[str]:
 
 
 def run_train(
-    overrides: list[str], nproc: int = 1, *, check: bool = True, timeout: float = 600, **popen: Any
+    overrides: list[str], nproc: int = 1, *, check: bool = True, timeout: float = 600, fork: bool = True,
+    **popen: Any,
 ) -> subprocess.CompletedProcess:
-    """Runs the real trainer (in a subprocess, under torchrun when nproc > 1)."""
-    proc = subprocess.run(
-        train_cmd(overrides, nproc), check=False, cwd=REPO, env=popen.pop("env", child_env()), capture_output=True,
-        text=True, timeout=timeout, **popen,
-    )
+    """Runs the real trainer: its ranks forked from this process (tests/forklaunch.py), or with ``fork=False``
+    (or any Popen argument) as `python -m train` / `torchrun -m train` in a subprocess."""
+    if fork and not popen:
+        from tests.forklaunch import fork_train
+
+        proc = fork_train(overrides, nproc, child_env(), timeout)
+    else:
+        proc = subprocess.run(
+            train_cmd(overrides, nproc), check=False, cwd=REPO, env=popen.pop("env", child_env()),
+            capture_output=True, text=True, timeout=timeout, **popen,
+        )
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
@@ -73,3 +81,13 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 def train_losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+def start_from_checkpoint(src_run: Path, dst_run: Path, step: int) -> Path:
+    """A new run directory holding only ``src_run``'s step-``step`` checkpoint as ``latest``: a launch there
+    resumes from it, as a run stopped at that step would (the same files a stopped run leaves)."""
+    ckpts = Path(dst_run) / "checkpoints"
+    ckpts.mkdir(parents=True)
+    shutil.copytree(Path(src_run) / "checkpoints" / f"step_{step}", ckpts / f"step_{step}")
+    os.symlink(f"step_{step}", ckpts / "latest")
+    return Path(dst_run)

@@ -123,20 +123,20 @@ def _moe_stats_and_bias_update(model: Transformer, step: int) -> dict[str, float
     return stats
 
 
+def data_loader(cfg: RunConfig, dp_rank: int, split: str = "train") -> GlobalBatchLoader:
+    """This DP rank's slice of the run's global batches (TP/PP ranks of one DP rank read the same data)."""
+    return GlobalBatchLoader(
+        cfg.data, seq_len=cfg.train.seq_len, global_batch_size=cfg.train.global_batch_size,
+        micro_batch_size=cfg.train.micro_batch_size, dp_rank=dp_rank, dp_size=cfg.dp_size, seed=cfg.train.seed,
+        split=split,
+    )
+
+
 @torch.no_grad()
 def evaluate(engine: Any, cfg: RunConfig, device: torch.device, dp_rank: int) -> float | None:
     """Mean next-token loss on held-out batches of the `val` split (same batches on any world size)."""
     try:
-        loader = GlobalBatchLoader(
-            cfg.data,
-            seq_len=cfg.train.seq_len,
-            global_batch_size=cfg.train.global_batch_size,
-            micro_batch_size=cfg.train.micro_batch_size,
-            dp_rank=dp_rank,
-            dp_size=cfg.dp_size,
-            seed=cfg.train.seed,
-            split="val",
-        )
+        loader = data_loader(cfg, dp_rank, split="val")
     except ValueError as e:
         if _rank() == 0:
             print(f"eval skipped: {e}", file=sys.stderr, flush=True)
@@ -191,15 +191,7 @@ def run(cfg: RunConfig, config_yaml: str) -> int:
         engine = build_pipeline_engine(model, cfg, layout, precision)
     else:
         engine = build_engine(model, cfg, precision, groups, load_universal=universal)
-    loader = GlobalBatchLoader(
-        cfg.data,
-        seq_len=cfg.train.seq_len,
-        global_batch_size=cfg.train.global_batch_size,
-        micro_batch_size=cfg.train.micro_batch_size,
-        dp_rank=dp_rank,
-        dp_size=cfg.dp_size,
-        seed=cfg.train.seed,
-    )
+    loader = data_loader(cfg, dp_rank)
 
     start_step = 0
     ckpt = latest_checkpoint(run_dir) if cfg.train.resume == "auto" else None
@@ -250,8 +242,8 @@ def run(cfg: RunConfig, config_yaml: str) -> int:
             save_checkpoint(engine, run_dir, step, loader.state_dict(), config_yaml, cfg.train.keep_last, layout)
             last_saved = step
 
+    batches = iter(loader)
     try:
-        batches = iter(loader)
         while step < end_step:
             if stop.agreed(device):
                 checkpoint()
@@ -316,6 +308,9 @@ def run(cfg: RunConfig, config_yaml: str) -> int:
             print(f"error: {e}", file=sys.stderr, flush=True)
         exit_code = 1
     finally:
+        # Shut the prefetch workers down now, on every path: they ignore SIGTERM (see data.stream), so
+        # multiprocessing's exit-time terminate() could not stop them and the process would never exit.
+        batches.close()
         wandb_dir = logger.wandb_dir
         logger.close()
     if is_main and exit_code != 1:
