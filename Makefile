@@ -9,6 +9,8 @@ STAMP := $(VENV)/.installed
 TOKENIZER := artifacts/tokenizer/shakespeare.model
 DATA := artifacts/data/shakespeare/index.json
 CODE_DATA := artifacts/data/python-stdlib/index.json
+LADDER_TOKENIZER := artifacts/tokenizer/shakespeare512.model
+LADDER_DATA := artifacts/data/shakespeare512/index.json
 DEMO_DIR ?= runs/demo
 DEMO_STEPS ?= 300
 
@@ -36,7 +38,15 @@ $(DATA): $(TOKENIZER)
 $(CODE_DATA): $(TOKENIZER)
 	$(PYTHON) -m data.prepare --corpus python-stdlib --tokenizer $(TOKENIZER) --out artifacts/data/python-stdlib
 
-data: $(DATA) $(CODE_DATA)
+data: $(DATA) $(CODE_DATA) $(LADDER_DATA)
+
+# The scaling ladder's tokenizer and shards (conf/data/shakespeare512.yaml): 512 pieces, 4 plays held out.
+$(LADDER_TOKENIZER): $(STAMP)
+	$(PYTHON) -m data.tokenizer train --corpus shakespeare --vocab-size 512 --out artifacts/tokenizer/shakespeare512
+
+$(LADDER_DATA): $(LADDER_TOKENIZER)
+	$(PYTHON) -m data.prepare --corpus shakespeare --tokenizer $(LADDER_TOKENIZER) --out artifacts/data/shakespeare512 \
+	  --val-fraction 0.1
 
 TRAIN_ARGS := model=dense_tiny parallel=zero2 data=sample train.steps=$(DEMO_STEPS) run_dir=$(DEMO_DIR)
 
@@ -56,7 +66,7 @@ lint: $(STAMP)
 clean:
 	rm -rf runs multirun outputs artifacts
 
-# The dense scaling ladder (conf/experiment/scaling_dense.yaml): 9 tiny runs on the bundled corpus, one after
+# The dense scaling ladder (conf/experiment/scaling_dense.yaml): 10 tiny runs on the bundled corpus, one after
 # another, then the fitted laws, the hold-out check and the plot in runs/scaling/report (docs/scaling.md).
-scaling: data
+scaling: $(LADDER_DATA)
 	PYTHON=$(PYTHON) scripts/scaling_ladder.sh runs/scaling

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf, open_dict
 import train.__main__  # noqa: F401  (registers the run_dir resolver that conf/config.yaml uses)
 from model.config import ModelConfig
 from model.flops import param_counts
-from tests.utils import PYTHON, REPO, SAMPLE_DATA, child_env, read_metrics
+from tests.utils import PYTHON, REPO, child_env, read_metrics
 from tests.wandb_records import history_rows, metric_definitions, read_records, wandb_files
 from train import scaling
 from train.config import build_run_config
@@ -78,7 +78,6 @@ def test_committed_rung_configs_are_what_their_commands_generate(family, tmp_pat
 def test_every_rung_is_a_valid_run_below_one_epoch(family, sample_data):
     """Hydra composes the experiment with its smallest and largest rung into a valid run config (with one run
     directory per rung); every rung's model is valid in its family and trains on less than one epoch."""
-    train_tokens = json.loads((SAMPLE_DATA / "index.json").read_text())["splits"]["train"]["tokens"]
     files = rung_files(family)
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
         composed = {f: compose_rung(family, f.stem) for f in (files[0], files[-1])}
@@ -94,6 +93,8 @@ def test_every_rung_is_a_valid_run_below_one_epoch(family, sample_data):
             rung["train"]["steps"], rung["train"]["global_batch_size"], rung["optim"]["lr"])
         assert run.parallel.zero_stage == 0 and run.logging.backend == "wandb" and run.grad_accum_steps == 1
     base = cfg["model"]
+    [source] = run.data.sources  # the experiment's corpus (the 512-piece one for the dense ladder)
+    train_tokens = json.loads((REPO / source.path / "index.json").read_text())["splits"]["train"]["tokens"]
     for f in files:
         rung = yaml.safe_load(f.read_text())
         model = ModelConfig.from_dict({**base, **rung["model"]})  # validates
@@ -141,10 +142,10 @@ def test_two_rung_multirun_logs_loss_against_flops_and_feeds_the_report(tmp_path
     trains in its own directory, W&B holds flops/loss against train/flops, and the report reads the runs (and
     refuses to fit 5 parameters to 2 runs, saying why)."""
     conf = tmp_path / "conf"
-    argv = ["ladder", "--sizes", "2.7e5,6e5", "--tokens", "3072", "--vocab", "8000", "--seq-len", "32",
+    argv = ["ladder", "--sizes", "3e4,1.3e5", "--tokens", "3072", "--vocab", "512", "--seq-len", "32",
             "--base-batch", "16", "--batch-exponent", "0", "--write-configs", str(conf / "experiment" / "ladder" / "dense")]
     assert scaling.main(argv) == 0
-    rungs = {f"ladder_{r['name']}": r for r in ladder([2.7e5, 6e5], 8000, 32, tokens=[3072], base_batch_size=16,
+    rungs = {f"ladder_{r['name']}": r for r in ladder([3e4, 1.3e5], 512, 32, tokens=[3072], base_batch_size=16,
                                                        batch_exponent=0)}
     sweep = tmp_path / "sweep"
     cmd = [PYTHON, "-m", "train", "--multirun", "+experiment=scaling_dense", f"hydra.searchpath=[file://{conf}]",
