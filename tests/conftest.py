@@ -6,6 +6,11 @@ import subprocess
 
 import pytest
 import torch
+import tqdm
+
+# Progress bars of in-process data preparation would start tqdm's monitor thread, which lives on; the trainer
+# launches fork this process (tests/forklaunch.py), which wants no other thread alive.
+tqdm.tqdm.monitor_interval = 0
 
 from tests.utils import PYTHON, REPO, SAMPLE_DATA, child_env
 

@@ -261,14 +261,10 @@ def _grads_worker(out_dir: str, overrides: list[str]) -> None:
     """torchrun worker: one pipeline step at PP2; dumps each stage's gradients (model names) before clipping."""
     import torch.distributed as dist
 
+    from train.checkpoint_layout_free import _named_model_params  # the model names of this stage's parameters
     from train.engine import init_distributed
     from train.parallel import make_layout
-    from train.parallel_pp import (
-        _named_model_params,  # the model names of this stage's parameters
-        build_pipeline_engine,
-        pipeline_dp_rank,
-        pipeline_train_step,
-    )
+    from train.parallel_pp import build_pipeline_engine, pipeline_dp_rank, pipeline_train_step
 
     world = int(os.environ["WORLD_SIZE"])
     run = run_config([*overrides, "parallel=pp2", "parallel.zero_stage=0"], world_size=world)

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,8 @@ def run_train(
     (or any Popen argument) as `python -m train` / `torchrun -m train` in a subprocess."""
     # fork() copies only the calling thread: with other threads alive (none in this suite so far) a lock one of
     # them holds could stay locked in the child forever, so launch fresh interpreters instead.
+    if fork and not popen and threading.active_count() > 1:
+        warnings.warn(f"threads alive, launching the trainer without fork: {threading.enumerate()}", RuntimeWarning, stacklevel=2)
     if fork and not popen and threading.active_count() == 1:
         from tests.forklaunch import fork_train
 

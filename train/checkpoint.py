@@ -23,14 +23,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from train.parallel_ep import load_expert_shards, save_expert_shards
-from train.parallel_pp import (
+from train.checkpoint_layout_free import (
     has_layout_free_state,
     layout_free_supported,
     load_layout_free_state,
-    pipeline_stages,
     save_layout_free_state,
 )
+from train.parallel_ep import load_expert_shards, save_expert_shards
+from train.parallel_pp import pipeline_stages
 
 TAG = "ds"
 UNIVERSAL_TAG = "universal"  # DeepSpeed universal checkpoint converted from TAG, for resuming under another layout
