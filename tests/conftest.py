@@ -31,3 +31,12 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_reference(sample_data) -> list[float]:
+    """The 10 losses of tests.utils.TINY in one plain-PyTorch process (tests.reference), computed once."""
+    from tests.reference import reference_losses
+    from tests.utils import TINY
+
+    return reference_losses(TINY, 10)

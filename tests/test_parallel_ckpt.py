@@ -9,18 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_train_zero import reference_losses
 from tests.utils import TINY, run_train, train_losses
 from train.checkpoint import UNIVERSAL_TAG, CheckpointError, universal_resume_needed
 from train.parallel import Layout
 
 STEPS = 10
 TOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def reference(sample_data) -> list[float]:
-    return reference_losses(TINY, STEPS)
 
 
 @pytest.fixture(scope="module")
@@ -32,32 +26,32 @@ def dp2_zero2_checkpoint(sample_data, tmp_path_factory) -> Path:
     return run_dir
 
 
-def _resume(saved: Path, tmp_path: Path, overrides: list[str], nproc: int, reference: list[float]) -> Path:
+def _resume(saved: Path, tmp_path: Path, overrides: list[str], nproc: int, tiny_reference: list[float]) -> Path:
     run_dir = tmp_path / "run"
     shutil.copytree(saved, run_dir, symlinks=True)
     proc = run_train([*TINY, *overrides, f"run_dir={run_dir}"], nproc=nproc)
     assert "resumed from" in proc.stdout and "at step 5" in proc.stdout, proc.stdout[-2000:]
     losses = train_losses(run_dir)
     for step in range(6, STEPS + 1):
-        assert abs(losses[step] - reference[step - 1]) <= TOL * abs(reference[step - 1]), (step, losses[step])
+        assert abs(losses[step] - tiny_reference[step - 1]) <= TOL * abs(tiny_reference[step - 1]), (step, losses[step])
     assert (run_dir / "checkpoints" / "step_5" / UNIVERSAL_TAG).is_dir()  # converted once, next to the original
     return run_dir
 
 
 @pytest.mark.slow
-def test_dp2_zero2_resumes_on_one_rank(dp2_zero2_checkpoint, reference, tmp_path):
-    _resume(dp2_zero2_checkpoint, tmp_path, ["parallel=zero2"], 1, reference)
+def test_dp2_zero2_resumes_on_one_rank(dp2_zero2_checkpoint, tiny_reference, tmp_path):
+    _resume(dp2_zero2_checkpoint, tmp_path, ["parallel=zero2"], 1, tiny_reference)
 
 
 @pytest.mark.slow
-def test_dp2_zero2_resumes_at_tp2(dp2_zero2_checkpoint, reference, tmp_path):
-    run_dir = _resume(dp2_zero2_checkpoint, tmp_path, ["parallel=tp2", "parallel.zero_stage=2"], 2, reference)
+def test_dp2_zero2_resumes_at_tp2(dp2_zero2_checkpoint, tiny_reference, tmp_path):
+    run_dir = _resume(dp2_zero2_checkpoint, tmp_path, ["parallel=tp2", "parallel.zero_stage=2"], 2, tiny_reference)
     meta = json.loads((run_dir / "checkpoints" / "step_10" / "meta.json").read_text())
     assert meta["layout"] == {"dp": 1, "tp": 2, "pp": 1, "ep": 1, "zero_stage": 2}
 
 
 @pytest.mark.slow
-def test_tp2_checkpoint_resumes_at_tp2(reference, tmp_path):
+def test_tp2_checkpoint_resumes_at_tp2(tiny_reference, tmp_path):
     """Same layout: DeepSpeed's own files (the TP shards per rank), no conversion."""
     run_dir = tmp_path / "run"
     overrides = [*TINY, "parallel=tp2_zero1", f"run_dir={run_dir}"]
@@ -67,7 +61,7 @@ def test_tp2_checkpoint_resumes_at_tp2(reference, tmp_path):
     assert not (run_dir / "checkpoints" / "step_5" / UNIVERSAL_TAG).exists()
     losses = train_losses(run_dir)
     for step in range(1, STEPS + 1):
-        assert abs(losses[step] - reference[step - 1]) <= 1e-5 * abs(reference[step - 1]), (step, losses[step])
+        assert abs(losses[step] - tiny_reference[step - 1]) <= 1e-5 * abs(tiny_reference[step - 1]), (step, losses[step])
 
 
 def _meta(tmp_path: Path, world: int, **layout: int) -> Path:

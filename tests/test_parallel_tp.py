@@ -13,47 +13,36 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_train_zero import reference_losses
+from tests.reference import assert_losses_close
 from tests.utils import PYTHON, REPO, TINY, child_env, free_port, read_metrics, run_train, train_losses
 
 STEPS = 10
 REL_TOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def reference(sample_data) -> list[float]:
-    return reference_losses(TINY, STEPS)
-
-
-def assert_losses_close(got: dict[int, float], want: list[float]) -> None:
-    assert sorted(got) == list(range(1, len(want) + 1)), sorted(got)
-    for step, ref in enumerate(want, start=1):
-        assert abs(got[step] - ref) <= REL_TOL * abs(ref), (step, got[step], ref)
-
-
-def _tp2_run(stage: int, reference: list[float], tmp_path: Path, nproc: int = 2) -> None:
+def _tp2_run(stage: int, tiny_reference: list[float], tmp_path: Path, nproc: int = 2) -> None:
     run_dir = tmp_path / f"tp2_zero{stage}"
     proc = run_train([*TINY, "parallel=tp2", f"parallel.zero_stage={stage}", f"run_dir={run_dir}"], nproc=nproc)
     assert f"world {nproc} (dp {nproc // 2}, tp 2)" in proc.stdout, proc.stdout[-2000:]
-    assert_losses_close(train_losses(run_dir), reference)
+    assert_losses_close(train_losses(run_dir), tiny_reference)
     # Clipping at 1.0 is active in these steps (norm > 1), so the global norm over the shards must be right.
     norms = [r["grad_norm"] for r in read_metrics(run_dir) if "grad_norm" in r]
     assert max(norms) > 1.0, norms
 
 
-def test_tp2_zero1_matches_single_process(reference, tmp_path):
-    _tp2_run(1, reference, tmp_path)
+def test_tp2_zero1_matches_single_process(tiny_reference, tmp_path):
+    _tp2_run(1, tiny_reference, tmp_path)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [0, 2, 3])
-def test_tp2_other_zero_stages_match_single_process(stage, reference, tmp_path):
-    _tp2_run(stage, reference, tmp_path)
+def test_tp2_other_zero_stages_match_single_process(stage, tiny_reference, tmp_path):
+    _tp2_run(stage, tiny_reference, tmp_path)
 
 
 @pytest.mark.slow
-def test_tp2_x_dp2_zero1_on_four_ranks_matches_single_process(reference, tmp_path):
-    _tp2_run(1, reference, tmp_path, nproc=4)
+def test_tp2_x_dp2_zero1_on_four_ranks_matches_single_process(tiny_reference, tmp_path):
+    _tp2_run(1, tiny_reference, tmp_path, nproc=4)
 
 
 @pytest.mark.slow

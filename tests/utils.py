@@ -63,11 +63,14 @@ def run_train(
 ) -> subprocess.CompletedProcess:
     """Runs the real trainer: its ranks forked from this process (tests/forklaunch.py), or with ``fork=False``
     (or any Popen argument) as `python -m train` / `torchrun -m train` in a subprocess."""
+    use_fork = fork and not popen
     # fork() copies only the calling thread: with other threads alive (none in this suite so far) a lock one of
-    # them holds could stay locked in the child forever, so launch fresh interpreters instead.
-    if fork and not popen and threading.active_count() > 1:
-        warnings.warn(f"threads alive, launching the trainer without fork: {threading.enumerate()}", RuntimeWarning, stacklevel=2)
-    if fork and not popen and threading.active_count() == 1:
+    # them holds could stay locked in the child forever, so launch fresh interpreters instead, and say so.
+    if use_fork and threading.active_count() > 1:
+        warnings.warn(f"threads alive, launching the trainer without fork: {threading.enumerate()}", RuntimeWarning,
+                      stacklevel=2)
+        use_fork = False
+    if use_fork:
         from tests.forklaunch import fork_train
 
         proc = fork_train(overrides, nproc, child_env(), timeout)
