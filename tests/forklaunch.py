@@ -32,9 +32,9 @@ def _warm_up() -> None:
     import torch._dynamo  # noqa: F401
 
     import train.__main__
-    import train.parallel_ep
-    import train.parallel_pp
-    import train.parallel_tp
+    import train.parallel.autotp
+    import train.parallel.ep
+    import train.parallel.pp
     import train.trainer  # noqa: F401
 
     _WARM = True

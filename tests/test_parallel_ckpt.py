@@ -11,7 +11,7 @@ import pytest
 
 from tests.utils import TINY, run_train, train_losses
 from train.checkpoint import UNIVERSAL_TAG, CheckpointError, universal_resume_needed
-from train.parallel import Layout
+from train.parallel.dims import Layout
 
 STEPS = 10
 TOL = 1e-4

@@ -4,7 +4,7 @@ micro-batches (so per-micro-batch router statistics are identical), plus exact r
 
 The reference runs the same micro-batches (micro_batch_size=1) one after the other with gradient accumulation:
 the load-balancing loss is a per-micro-batch quantity, so this is what "the same as one rank" means (see
-train/parallel_ep.py).
+train/parallel/ep.py).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def _moe_cfg(**kw) -> ModelConfig:
 
 
 def _check_case(rank: int, world: int, case: dict) -> None:
-    from train.parallel_ep import ExpertParallelMoE, create_expert_groups, shard_moe
+    from train.parallel.ep import ExpertParallelMoE, create_expert_groups, shard_moe
 
     cfg = _moe_cfg(**case.get("cfg", {}))
     torch.manual_seed(0)
@@ -103,7 +103,7 @@ def _check_engine_gradients(rank: int, world: int, model_name: str) -> None:
     gradients accumulated over the same micro-batches (experts: this rank's slice)."""
     from data.stream import GlobalBatchLoader
     from train.engine import build_engine
-    from train.parallel_ep import apply_expert_parallel
+    from train.parallel.ep import apply_expert_parallel
     from train.trainer import build_model
 
     run = _run_config(_overrides(model_name, "parallel=zero0", "parallel.ep=2"), world_size=world)
@@ -216,7 +216,7 @@ def reference_metrics(model_name: str, steps: int) -> list[dict[str, float]]:
             ce += res.ce_loss.item() / len(batch)
             aux += res.aux_loss.item() / len(batch)
         # The global norm summed in float64: torch's float32 vector_norm of the 1M-entry embedding gradient is off
-        # by ~2e-5 relative on CPU, more than the tolerance (DeepSpeed and train.parallel_ep agree to 1e-7).
+        # by ~2e-5 relative on CPU, more than the tolerance (DeepSpeed and train.parallel.ep agree to 1e-7).
         norm = torch.stack([p.grad.double().square().sum() for p in model.parameters()]).sum().sqrt()
         coef = min(1.0, run.train.grad_clip / (float(norm) + 1e-6))
         for p in model.parameters():

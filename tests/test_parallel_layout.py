@@ -13,7 +13,7 @@ import train.__main__  # noqa: F401  (registers the run-dir resolver used by con
 from model.config import ConfigError
 from tests.utils import PYTHON, REPO, TINY, child_env
 from train.config import build_run_config
-from train.parallel import Layout, make_layout
+from train.parallel.dims import Layout, make_layout
 
 
 def run_config(overrides: list[str], world: int):

@@ -25,7 +25,7 @@ from model.transformer import Transformer, causal_lm_loss
 from tests.utils import PYTHON, REPO, TINY, child_env, free_port, read_metrics, run_train, train_losses
 from train.config import RunConfig, build_run_config
 from train.engine import build_optimizer, build_scheduler
-from train.parallel_pp import (
+from train.parallel.pp import (
     check_pipeline_config,
     layer_specs,
     model_key_to_pipeline_key,
@@ -145,7 +145,7 @@ def test_pipeline_refuses_zero2_and_bad_partition():
     with pytest.raises(ConfigError, match="ZeRO stage 0 or 1"):
         check_pipeline_config(zero_stage=2, pp=2)
     check_pipeline_config(zero_stage=1, pp=2)
-    from train.parallel_pp import _partition_method
+    from train.parallel.pp import _partition_method
 
     with pytest.raises(ConfigError, match="pp_partition"):
         _partition_method("by_magic")
@@ -263,8 +263,8 @@ def _grads_worker(out_dir: str, overrides: list[str]) -> None:
 
     from train.checkpoint_layout_free import _named_model_params  # the model names of this stage's parameters
     from train.engine import init_distributed
-    from train.parallel import make_layout
-    from train.parallel_pp import build_pipeline_engine, pipeline_dp_rank, pipeline_train_step
+    from train.parallel.dims import make_layout
+    from train.parallel.pp import build_pipeline_engine, pipeline_dp_rank, pipeline_train_step
 
     world = int(os.environ["WORLD_SIZE"])
     run = run_config([*overrides, "parallel=pp2", "parallel.zero_stage=0"], world_size=world)

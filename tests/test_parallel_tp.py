@@ -93,8 +93,8 @@ def _grad_worker(out_path: str) -> None:
     from model.transformer import Transformer
     from train.config import build_run_config
     from train.engine import build_engine, init_distributed
-    from train.parallel import init_groups, make_layout
-    from train.parallel_tp import gather_full, tp_grad_norm
+    from train.parallel.autotp import gather_full, tp_grad_norm
+    from train.parallel.dims import init_groups, make_layout
 
     init_distributed(torch.device("cpu"))
     rank = dist.get_rank()

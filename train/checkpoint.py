@@ -29,8 +29,8 @@ from train.checkpoint_layout_free import (
     load_layout_free_state,
     save_layout_free_state,
 )
-from train.parallel_ep import load_expert_shards, save_expert_shards
-from train.parallel_pp import pipeline_stages
+from train.parallel.ep import load_expert_shards, save_expert_shards
+from train.parallel.pp import pipeline_stages
 
 TAG = "ds"
 UNIVERSAL_TAG = "universal"  # DeepSpeed universal checkpoint converted from TAG, for resuming under another layout
@@ -182,7 +182,7 @@ def load_checkpoint(engine: Any, ckpt: Path) -> dict[str, Any]:
         _load_universal(engine, ckpt)
         return meta
     if meta["world_size"] != world or meta.get("pp", 1) != pp:
-        # Another layout: DeepSpeed's files are bound to theirs; the model-named copy (train.parallel_pp) is not.
+        # Another layout: DeepSpeed's files are bound to theirs; the model-named copy (train.parallel.pp) is not.
         if not (has_layout_free_state(ckpt) and layout_free_supported(engine)):
             raise CheckpointError(
                 f"{ckpt} was saved with {meta['world_size']} ranks (pp={meta.get('pp', 1)}) and this run has {world} "
@@ -210,7 +210,7 @@ def load_checkpoint(engine: Any, ckpt: Path) -> dict[str, Any]:
 # `"checkpoint": {"load_universal": true}` slices them for its own ZeRO partitioning and AutoTP shards. This is
 # DeepSpeed's own resharding, so nothing of ours has to know the flat-buffer layout. It needs ZeRO >= 1 on both
 # sides (ZeRO-0 keeps a plain torch optimizer state, which the universal loader does not read) and no pipeline
-# or expert parallelism (their files are ours: see train.parallel_pp's layout-free state for ZeRO 0/1 pipelines).
+# or expert parallelism (their files are ours: see train.parallel.pp's layout-free state for ZeRO 0/1 pipelines).
 # The conversion marks the checkpoint with DeepSpeed's universal-checkpoint version (`inject_missing_state`):
 # passing it as `client_state` at save time is refused by DeepSpeed 0.19 (a reserved key).
 
@@ -238,7 +238,7 @@ def universal_resume_needed(ckpt: Path | None, layout: Any, zero_stage: int) -> 
     if all(saved[k] == now[k] for k in now):
         return False
     if saved["pp"] > 1 or layout.pp > 1 or (saved["tp"] == 1 and layout.tp == 1 and max(saved_zero, zero_stage) <= 1):
-        return False  # pipelines and ZeRO 0/1 data parallelism: train.parallel_pp's layout-free state
+        return False  # pipelines and ZeRO 0/1 data parallelism: train.parallel.pp's layout-free state
     what = (f"{ckpt} was saved with world {saved['world']} (tp {saved['tp']}, pp {saved['pp']}, ep {saved['ep']}, "
             f"ZeRO-{saved['zero_stage']}) and this run has world {layout.world} (tp {layout.tp}, pp {layout.pp}, "
             f"ep {layout.ep}, ZeRO-{zero_stage})")

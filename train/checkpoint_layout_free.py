@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from train.parallel_pp import is_pipeline_engine, pipeline_key_to_model_key
+from train.parallel.pp import is_pipeline_engine, pipeline_key_to_model_key
 
 # ------------------------------------------------------------------------------- layout-free checkpoint state
 # A copy of the training state keyed by the single-device model's names (``Transformer.state_dict()`` keys):

@@ -29,14 +29,14 @@ class ParallelConfig:
     pp: int = 1
     ep: int = 1
     # How pipeline stages split the layers: parameters (balance parameter counts), uniform (layer counts),
-    # blocks (balance decoder blocks; embedding and head ride on the first and last stage). See train.parallel_pp.
+    # blocks (balance decoder blocks; embedding and head ride on the first and last stage). See train.parallel.pp.
     pp_partition: str = "parameters"
 
     def validate(self, world_size: int, model: ModelConfig | None = None) -> int:
         """Checks the layout against the model and the world size (train.parallel.validate_layout, before any
         process group exists); returns the data-parallel size."""
-        from train.parallel import validate_layout
-        from train.parallel_pp import PP_PARTITIONS
+        from train.parallel.dims import validate_layout
+        from train.parallel.pp import PP_PARTITIONS
 
         if self.pp_partition not in PP_PARTITIONS:
             raise ConfigError("parallel.pp_partition", f"got {self.pp_partition!r}; use one of {', '.join(PP_PARTITIONS)}")

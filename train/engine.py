@@ -90,7 +90,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    from train.parallel_ep import expert_param_groups
+    from train.parallel.ep import expert_param_groups
 
     # torch's AdamW, not DeepSpeed's FusedAdam/CPUAdam, which JIT-compile for minutes on CPU. Expert-parallel
     # parameters go into DeepSpeed's MoE param groups (unchanged without expert parallelism).
@@ -146,12 +146,12 @@ def build_engine(model: nn.Module, cfg: RunConfig, precision: str, groups: Any =
 
     ``groups`` (``train.parallel.ParallelGroups``) is DeepSpeed's ``mpu`` under tensor parallelism: it gives the
     data-parallel size that turns the global batch into per-rank batches. With ``parallel.tp > 1`` DeepSpeed
-    AutoTP shards the model inside ``deepspeed.initialize`` (``train.parallel_tp``). ``load_universal``: the run
+    AutoTP shards the model inside ``deepspeed.initialize`` (``train.parallel.autotp``). ``load_universal``: the run
     resumes a checkpoint of another layout (``train.checkpoint.universal_resume_needed``).
     """
     import deepspeed
 
-    from train.parallel_ep import install_global_grad_clipping, own_clipping
+    from train.parallel.ep import install_global_grad_clipping, own_clipping
 
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg)
@@ -163,7 +163,7 @@ def build_engine(model: nn.Module, cfg: RunConfig, precision: str, groups: Any =
     if load_universal:
         ds_config["checkpoint"] = {"load_universal": True}
     if cfg.parallel.tp > 1:
-        from train.parallel_tp import autotp_config
+        from train.parallel.autotp import autotp_config
 
         ds_config["tensor_parallel"] = autotp_config(cfg.model, cfg.parallel.tp)
     engine, _, _, _ = deepspeed.initialize(

@@ -55,7 +55,7 @@ def load_trained_model(path: Path) -> tuple[Transformer, ModelConfig]:
     raw = yaml.safe_load((ckpt / "config.yaml").read_text())
     cfg = ModelConfig.from_dict(raw["model"])
     model = Transformer(cfg)
-    from train.parallel_ep import merge_expert_shards
+    from train.parallel.ep import merge_expert_shards
 
     # Expert-parallel checkpoints keep each EP rank's experts in their own files.
     state = {k: v.float() for k, v in merge_expert_shards(_engine_state_dict(ckpt), ckpt).items()}

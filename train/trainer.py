@@ -25,17 +25,17 @@ from train.checkpoint import (
 from train.config import RunConfig
 from train.engine import build_engine, init_distributed, resolve_device, resolve_precision
 from train.metrics import MetricsLogger, peak_flops_per_device
-from train.parallel import init_groups, make_layout
-from train.parallel_ep import apply_expert_parallel
-from train.parallel_ep import grad_norm as global_grad_norm
-from train.parallel_pp import (
+from train.parallel.autotp import is_tensor_parallel, tp_grad_norm
+from train.parallel.dims import init_groups, make_layout
+from train.parallel.ep import apply_expert_parallel
+from train.parallel.ep import grad_norm as global_grad_norm
+from train.parallel.pp import (
     build_pipeline_engine,
     is_pipeline_engine,
     pipeline_eval_step,
     pipeline_moe_stats_and_bias_update,
     pipeline_train_step,
 )
-from train.parallel_tp import is_tensor_parallel, tp_grad_norm
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: the job stopped on a signal after a checkpoint; requeue it
 
@@ -175,8 +175,8 @@ def run(cfg: RunConfig, config_yaml: str) -> int:
     model = build_model(cfg)
     # Expert parallelism shards the experts before DeepSpeed sees the parameters (no-op for ep=1).
     apply_expert_parallel(model, layout.ep, layout.dp_groups())
-    # Hook points: pipeline parallelism (layout.pp > 1) builds its own engine from `layout` (train.parallel_pp);
-    # tensor parallelism is applied by DeepSpeed AutoTP inside build_engine (train.parallel_tp).
+    # Hook points: pipeline parallelism (layout.pp > 1) builds its own engine from `layout` (train.parallel.pp);
+    # tensor parallelism is applied by DeepSpeed AutoTP inside build_engine (train.parallel.autotp).
     # A TP/DP layout change since the last checkpoint is loaded through DeepSpeed's universal checkpoint, which
     # DeepSpeed must know about when the engine is built (train.checkpoint.universal_resume_needed).
     try:

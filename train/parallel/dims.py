@@ -176,7 +176,7 @@ def validate_layout(parallel: Any, model: ModelConfig, world_size: int) -> Layou
             f"expert parallelism (ep={ep}) works with ZeRO stages 0-2 (DeepSpeed MoE has no ZeRO-3); got "
             f"zero_stage={zero}: use parallel.zero_stage=2 or parallel.ep=1",
         )
-        # TP x EP: AutoTP shards attention/SwiGLU, train.parallel_ep the experts inside each DP group (verified:
+        # TP x EP: AutoTP shards attention/SwiGLU, train.parallel.ep the experts inside each DP group (verified:
         # tp2 x ep2 on 4 ranks matched ep2 on 2 ranks to 1e-7). With ZeRO-0 the EP clipping hook computes the norm
         # without the TP shards, so that one combination is refused.
         _check(
@@ -278,7 +278,7 @@ def init_groups(layout: Layout) -> ParallelGroups:
     """Creates this rank's TP/DP/PP groups (collective: every rank calls it, after the default group exists).
 
     ``new_group`` is collective over the whole world, so every rank creates every group in the same order and
-    keeps the ones it belongs to. Expert groups are created by ``train.parallel_ep`` from ``layout.dp_groups()``.
+    keeps the ones it belongs to. Expert groups are created by ``train.parallel.ep`` from ``layout.dp_groups()``.
     """
     if not dist.is_initialized():
         raise RuntimeError("init_groups needs torch.distributed to be initialised (call train.engine.init_distributed)")

@@ -213,7 +213,7 @@ def _deepspeed_marker_class() -> type[nn.Module]:
             from deepspeed.utils import groups as ds_groups
 
             if self.expert_group_name not in ds_groups._get_expert_parallel_group_dict():
-                raise RuntimeError("expert groups missing: call train.parallel_ep.apply_expert_parallel first")
+                raise RuntimeError("expert groups missing: call train.parallel.ep.apply_expert_parallel first")
 
         def forward(self, *args: Any, **kwargs: Any) -> None:
             raise RuntimeError("DeepSpeedMoEMarker is a marker for DeepSpeed's engine and is never called")
