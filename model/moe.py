@@ -133,21 +133,24 @@ class MoE(nn.Module):
         return y.reshape(batch, seq_len, d_model), aux_loss
 
     def _run_experts(self, grouped: Tensor, counts: Tensor) -> Tensor:
-        """SwiGLU of each expert on its contiguous slice of ``grouped`` [sum(counts), D]."""
-        if _grouped_mm_usable(grouped):
+        """The experts on ``grouped`` [sum(counts), D], rows sorted by expert. Expert parallelism replaces this with
+        a dispatch to the ranks holding the experts, which then call ``_expert_mlp`` on the rows they receive."""
+        return self._expert_mlp(grouped, counts)
+
+    def _expert_mlp(self, rows: Tensor, counts: Tensor) -> Tensor:
+        """SwiGLU of each local expert on its contiguous slice of ``rows``."""
+        if _grouped_mm_usable(rows):
             offsets = torch.cumsum(counts, 0).to(torch.int32)
-            gate = torch._grouped_mm(grouped, self.w1.transpose(1, 2), offs=offsets)
-            up = torch._grouped_mm(grouped, self.w3.transpose(1, 2), offs=offsets)
+            gate = torch._grouped_mm(rows, self.w1.transpose(1, 2), offs=offsets)
+            up = torch._grouped_mm(rows, self.w3.transpose(1, 2), offs=offsets)
             return torch._grouped_mm(F.silu(gate) * up, self.w2.transpose(1, 2), offs=offsets)
-        # A loop over experts (not tokens): E matmuls on contiguous slices.
+        # A loop over experts (not tokens): E matmuls on contiguous slices. Empty slices are computed too (no
+        # cost): every expert weight stays in the graph, so a rank whose experts got no rows still joins any
+        # collective that a parallel wrapper puts around this in backward.
         outputs = []
-        for e, rows in enumerate(grouped.split(counts.tolist())):
-            if rows.shape[0] == 0:
-                continue
-            hidden = F.silu(rows @ self.w1[e].t()) * (rows @ self.w3[e].t())
+        for e, part in enumerate(rows.split(counts.tolist())):
+            hidden = F.silu(part @ self.w1[e].t()) * (part @ self.w3[e].t())
             outputs.append(hidden @ self.w2[e].t())
-        if not outputs:
-            return grouped.new_zeros(0, self.w2.shape[1])
         return torch.cat(outputs)
 
     @torch.no_grad()

@@ -44,11 +44,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.config import ConfigError
-from model.moe import MoE, _grouped_mm_usable
+from model.moe import MoE
 
 
 def expert_group_name(ep: int) -> str:
@@ -157,22 +156,10 @@ class ExpertParallelMoE(MoE):
         # Received rows are ordered (source, local expert): regroup by local expert, sources in rank order.
         expert_of_row = torch.arange(local, device=grouped.device).repeat(ep).repeat_interleave(recv_counts.reshape(-1))
         order = torch.argsort(expert_of_row, stable=True)
-        out = self._run_local_experts(received[order], recv_counts.sum(0))
+        out = self._expert_mlp(received[order], recv_counts.sum(0))
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
         return all_to_all(out[inverse], in_splits, out_splits, self.ep_group)
-
-    def _run_local_experts(self, rows: Tensor, counts: Tensor) -> Tensor:
-        if _grouped_mm_usable(rows):
-            return super()._run_experts(rows, counts)
-        # Unlike `MoE._run_experts`, empty slices are not skipped: the output must stay connected to the
-        # autograd graph even when this rank received no rows, or its backward would skip the reverse
-        # all_to_all that the other ranks wait for.
-        outputs = []
-        for e, part in enumerate(rows.split(counts.tolist())):
-            hidden = F.silu(part @ self.w1[e].t()) * (part @ self.w3[e].t())
-            outputs.append(hidden @ self.w2[e].t())
-        return torch.cat(outputs)
 
 
 def shard_moe(moe: MoE, groups: ExpertGroups) -> ExpertParallelMoE:
