@@ -15,8 +15,8 @@ from scipy.optimize import minimize_scalar
 
 from tests.wandb_records import read_records
 from train import scaling
-from train.scaling_fit import PARAM_NAMES, compute_frontier, compute_optimal, fit_chinchilla, fit_compute_frontier
-from train.scaling_ladder import dense_param_counts, ladder, model_shape_for_params, scaled_hparams, shape_for
+from train.scaling.fit import PARAM_NAMES, compute_frontier, compute_optimal, fit_chinchilla, fit_compute_frontier
+from train.scaling.ladder import dense_param_counts, ladder, model_shape_for_params, scaled_hparams, shape_for
 
 REPO = Path(__file__).resolve().parents[1]
 TRUE = {"E": 1.7, "A": 400.0, "alpha": 0.34, "B": 410.0, "beta": 0.28}

@@ -20,7 +20,7 @@ from tests.utils import PYTHON, REPO, child_env, read_metrics
 from tests.wandb_records import history_rows, metric_definitions, read_records, wandb_files
 from train import scaling
 from train.config import build_run_config
-from train.scaling_ladder import GENERATED_MARKER, ladder
+from train.scaling.ladder import GENERATED_MARKER, ladder
 
 CONF = REPO / "conf"
 FAMILIES = ("dense", "moe", "hybrid")

@@ -1,18 +1,145 @@
-"""Outputs of the scaling-law report: markdown table, the scaling.png figure and W&B logging."""
+"""The scaling-law report: fits to the runs (report.json), its markdown table, the scaling.png
+figure and W&B logging."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Literal
 
 import numpy as np
 
-from train.scaling_fit import PARAM_NAMES, ChinchillaFit, FrontierFit
+from train.scaling.fit import (
+    N_FREE_PARAMS,
+    PARAM_NAMES,
+    ChinchillaFit,
+    FrontierFit,
+    compute_optimal,
+    fit_chinchilla,
+    fit_compute_frontier,
+    predict_loss,
+)
+from train.scaling.runs import ParamsKind, Run, frontier_points
 
-if TYPE_CHECKING:  # train.scaling imports this module; the type is only needed for annotations
-    from train.scaling import Run
+
+@dataclass
+class ReportOptions:
+    params: ParamsKind = "active"
+    budget: float | None = None
+    target_n: float | None = None
+    target_d: float | None = None
+    holdout_largest: bool = False
+    n_bootstrap: int = 200
+    confidence: float = 0.95
+    seed: int = 0
+    flops_per_param: float | None = 6.0  # None: the runs' median measured flops_per_token / N
+    frontier_metric: Literal["loss", "eval_loss"] = "loss"
+    frontier_skip: float = 0.1
+    smooth: int = 1
+    irreducible: bool = False
+
+    def validate(self) -> ReportOptions:
+        if (self.target_n is None) != (self.target_d is None):
+            raise ValueError("give both --target-n and --target-d (the run to predict), or neither")
+        for name in ("budget", "target_n", "target_d", "flops_per_param"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                raise ValueError(f"{name} must be positive, got {v}")
+        if self.params not in ("active", "nonembedding"):
+            raise ValueError(f"params must be 'active' or 'nonembedding', got {self.params!r}")
+        if self.frontier_metric not in ("loss", "eval_loss"):
+            raise ValueError(f"frontier metric must be 'loss' or 'eval_loss', got {self.frontier_metric!r}")
+        if not 0 <= self.frontier_skip < 1:
+            raise ValueError(f"frontier_skip must be in [0, 1), got {self.frontier_skip}")
+        return self
+
+
+def _need_runs(n: int, what: str) -> None:
+    if n < N_FREE_PARAMS:
+        raise ValueError(
+            f"{what}: {n} runs but L(N, D) has {N_FREE_PARAMS} free parameters, so at least {N_FREE_PARAMS} "
+            "finished runs are needed (best: several sizes, each at 2-3 token counts)"
+        )
+
+
+def build_report(runs: Sequence[Run], opts: ReportOptions) -> tuple[dict, ChinchillaFit, FrontierFit]:
+    """Fit L(N, D) and L(C) to the runs; returns the JSON-ready report and both fits."""
+    opts.validate()
+    _need_runs(len(runs), "cannot fit L(N, D)")
+    N = np.array([r.n_params for r in runs])
+    D = np.array([r.tokens for r in runs])
+    L = np.array([r.loss for r in runs])
+    fit = fit_chinchilla(N, D, L, n_bootstrap=opts.n_bootstrap, confidence=opts.confidence, seed=opts.seed)
+    frontier = fit_compute_frontier(
+        *frontier_points(runs, opts.frontier_metric, opts.frontier_skip, opts.smooth), irreducible=opts.irreducible
+    )
+    pred = fit.predict(N, D)
+    warnings = []
+    if len(np.unique(N)) > 1 and len(np.unique(D)) > 1 and abs(np.corrcoef(np.log(N), np.log(D))[0, 1]) > 0.98:
+        warnings.append(
+            "log N and log D are almost collinear (every run has about the same tokens per parameter): "
+            "alpha and beta are poorly identified; add runs at 2-3 token counts per size"
+        )
+    report: dict = {
+        "params_kind": opts.params,
+        "runs": [
+            {"name": r.name, "path": str(r.path), "N": r.n_params, "D": r.tokens, "C": r.flops, "loss": r.loss,
+             "loss_source": r.loss_source, "predicted": float(p), "residual": float(r.loss - p),
+             "relative_residual": float((r.loss - p) / p)}
+            for r, p in zip(runs, pred)
+        ],
+        "fit": fit.to_dict(),
+        "frontier": frontier.to_dict(),
+        "warnings": warnings,
+    }
+    samples = fit.bootstrap_params
+    if opts.target_n is not None:
+        loss = float(fit.predict(opts.target_n, opts.target_d))
+        boot = None if samples is None else predict_loss(samples.T, opts.target_n, opts.target_d)
+        report["target"] = {"N": opts.target_n, "D": opts.target_d, "predicted_loss": loss,
+                            "interval": fit.bootstrap_interval(boot)}
+    if opts.budget is not None:
+        measured = float(np.median([r.flops_per_token / r.n_params for r in runs]))
+        k = opts.flops_per_param if opts.flops_per_param is not None else measured
+        n_opt, d_opt = (float(x) for x in fit.compute_optimal(opts.budget, k))
+        entry = {"C": opts.budget, "flops_per_param": k, "measured_flops_per_param": measured,
+                 "N_opt": n_opt, "D_opt": d_opt, "predicted_loss": float(fit.predict(n_opt, d_opt)),
+                 "frontier_loss": float(frontier.predict(opts.budget))}
+        if samples is not None:
+            ok = (samples[:, 2] > 0) & (samples[:, 4] > 0)
+            n_b, d_b = compute_optimal(samples[ok].T, opts.budget, k)
+            entry["N_opt_interval"] = fit.bootstrap_interval(n_b)
+            entry["D_opt_interval"] = fit.bootstrap_interval(d_b)
+        report["budget"] = entry
+    if opts.holdout_largest:
+        largest = N.max()
+        held = N == largest
+        _need_runs(int((~held).sum()), f"--holdout-largest leaves out the {int(held.sum())} run(s) at N={largest:.3g}")
+        sub = fit_chinchilla(N[~held], D[~held], L[~held], n_bootstrap=0)
+        hp = sub.predict(N[held], D[held])
+        rows = [{"name": r.name, "N": r.n_params, "D": r.tokens, "actual": r.loss, "predicted": float(p),
+                 "relative_error": float(abs(p - r.loss) / r.loss)}
+                for r, p in zip([r for r, h in zip(runs, held) if h], hp)]
+        report["holdout"] = {"fit": sub.to_dict(), "runs": rows,
+                             "max_relative_error": max(row["relative_error"] for row in rows)}
+    return report, fit, frontier
+
+
+def write_report(runs: Sequence[Run], opts: ReportOptions, out_dir: str | Path, use_wandb: bool = False) -> dict:
+    """Fit, then write report.json, report.md and scaling.png to out_dir (and log to W&B)."""
+    report, fit, frontier = build_report(runs, opts)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    held = [r["name"] for r in report.get("holdout", {}).get("runs", [])]
+    png = plot_report(runs, fit, frontier, out / "scaling.png", holdout=held)
+    if use_wandb:
+        report["wandb_run_dir"] = str(log_to_wandb(report, runs, png, out))
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.md").write_text(report_markdown(report))
+    return report
 
 
 def _interval_text(iv) -> str:
