@@ -35,6 +35,12 @@ def _grouped_mm_usable(x: Tensor) -> bool:
     )
 
 
+def _recomputing() -> bool:
+    """Whether this forward runs inside a backward pass (activation checkpointing recomputes the block there):
+    its statistics were already counted by the original forward."""
+    return torch._C._current_graph_task_id() != -1
+
+
 class MoE(nn.Module):
     """Sparse SwiGLU mixture of experts. ``forward(x [B, T, D]) -> (y [B, T, D], aux_loss 0-dim)``.
 
@@ -70,7 +76,9 @@ class MoE(nn.Module):
         self.w2 = nn.Parameter(torch.empty(cfg.num_experts, cfg.d_model, cfg.ffn_hidden))
         # Saved with checkpoints: the learned selection offsets are part of the model's routing.
         self.register_buffer("expert_bias", torch.zeros(cfg.num_experts), persistent=True)
-        self.last_stats: dict[str, Tensor] = {}
+        self.last_stats: dict[str, Tensor] = {}  # statistics of the last forward
+        self._load_sum: Tensor | None = None  # summed over the training forwards since `pop_step_load`
+        self._load_count = 0
         self.reset_parameters()
 
     @torch.no_grad()
@@ -129,6 +137,9 @@ class MoE(nn.Module):
             "z_loss": z_loss.detach(),
             "dropped_fraction": dropped_fraction.detach(),
         }
+        if self.training and not _recomputing():
+            self._load_sum = load.detach() if self._load_sum is None else self._load_sum + load.detach()
+            self._load_count += 1
         aux_loss = self.aux_loss_coeff * lb_loss + self.z_loss_coeff * z_loss
         return y.reshape(batch, seq_len, d_model), aux_loss
 
@@ -152,6 +163,15 @@ class MoE(nn.Module):
             hidden = F.silu(part @ self.w1[e].t()) * (part @ self.w3[e].t())
             outputs.append(hidden @ self.w2[e].t())
         return torch.cat(outputs)
+
+    def pop_step_load(self) -> Tensor | None:
+        """Mean expert load over the training forwards since the last call (all micro-batches of a step), or
+        None if there were none; resets the accumulator."""
+        if self._load_sum is None:
+            return None
+        load = self._load_sum / self._load_count
+        self._load_sum, self._load_count = None, 0
+        return load
 
     @torch.no_grad()
     def update_bias(self, load: Tensor) -> None:

@@ -118,6 +118,8 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        # (logits, labels) -> ce_loss; tensor parallelism swaps in a loss over vocabulary-sharded logits.
+        self.loss_fn = causal_lm_loss
         self.reset_parameters()
 
     # ------------------------------------------------------------------ init
@@ -180,7 +182,7 @@ class Transformer(nn.Module):
             return ModelOutput(logits=logits, loss=None, ce_loss=None, aux_loss=aux_loss)
         if labels.shape != tokens.shape:
             raise ValueError(f"labels shape {tuple(labels.shape)} must equal tokens shape {tuple(tokens.shape)}")
-        ce_loss = causal_lm_loss(logits, labels)
+        ce_loss = self.loss_fn(logits, labels)
         return ModelOutput(logits=logits, loss=ce_loss + aux_loss, ce_loss=ce_loss, aux_loss=aux_loss)
 
     # ------------------------------------------------------------- utilities

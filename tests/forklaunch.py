@@ -11,13 +11,16 @@ launcher, srun, submitit) are tested in test_launch.py, test_slurm.py and test_t
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 _WARM = False
 
@@ -33,14 +36,19 @@ def _warm_up() -> None:
 
     import train.__main__
     import train.parallel.autotp
-    import train.parallel.ep
     import train.parallel.pp
     import train.trainer  # noqa: F401
+
+    try:  # what layouts with tp, pp or ep > 1 import: megatron-core's groups and layers
+        import megatron.core.parallel_state
+        import megatron.core.tensor_parallel  # noqa: F401
+    except ImportError:
+        pass
 
     _WARM = True
 
 
-def _child(rank: int, nproc: int, port: int, overrides: list[str], env: dict[str, str], out: str, err: str) -> int:
+def _child(rank: int, nproc: int, port: int, target: Callable[[], int], env: dict[str, str], out: str, err: str) -> int:
     os.setpgid(0, 0)  # the parent can kill this rank and its data workers at once
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGALRM):
         signal.signal(sig, signal.SIG_DFL)
@@ -61,6 +69,10 @@ def _child(rank: int, nproc: int, port: int, overrides: list[str], env: dict[str
 
     torch.set_num_threads(int(env.get("OMP_NUM_THREADS", "1")))
     GlobalHydra.instance().clear()
+    return target()
+
+
+def _hydra_main(overrides: list[str]) -> int:
     from train.__main__ import main
 
     sys.argv = ["train", *overrides]
@@ -73,6 +85,25 @@ def _child(rank: int, nproc: int, port: int, overrides: list[str], env: dict[str
 
 def fork_train(overrides: list[str], nproc: int, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
     """Runs `python -m train OVERRIDES` as `nproc` ranks forked from this process; like `run_train`'s result."""
+    return fork_ranks(functools.partial(_hydra_main, overrides), nproc, env, timeout, ["train", *overrides])
+
+
+def fork_call(fn: Callable[..., Any], args: tuple, nproc: int, env: dict[str, str], timeout: float = 600) -> None:
+    """Runs ``fn(*args)`` on ``nproc`` ranks forked from this process, with torchrun's environment; raises
+    AssertionError with the ranks' output if any rank fails."""
+
+    def target() -> int:
+        fn(*args)
+        return 0
+
+    proc = fork_ranks(target, nproc, env, timeout, [fn.__name__])
+    if proc.returncode != 0:
+        raise AssertionError(f"{fn.__name__} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+
+
+def fork_ranks(target: Callable[[], int], nproc: int, env: dict[str, str], timeout: float,
+               name: list[str]) -> subprocess.CompletedProcess:
+    """``target()`` in ``nproc`` forked ranks; its return value is the rank's exit code."""
     from tests.utils import free_port
 
     _warm_up()
@@ -87,7 +118,7 @@ def fork_train(overrides: list[str], nproc: int, env: dict[str, str], timeout: f
             if pid == 0:  # the rank: never returns into pytest
                 code = 1
                 try:
-                    code = _child(rank, nproc, port, overrides, env, *logs[rank])
+                    code = _child(rank, nproc, port, target, env, *logs[rank])
                 except BaseException:  # noqa: BLE001  (print it like an interpreter would, then exit)
                     import traceback
 
@@ -101,9 +132,9 @@ def fork_train(overrides: list[str], nproc: int, env: dict[str, str], timeout: f
         stdout = "".join(Path(o).read_text() for o, _ in logs)
         stderr = "".join(Path(e).read_text() for _, e in logs)
     if codes is None:
-        raise subprocess.TimeoutExpired(["fork", "train", *overrides], timeout, stdout, stderr)
+        raise subprocess.TimeoutExpired(["fork", *name], timeout, stdout, stderr)
     code = next((c for c in codes if c != 0), 0)
-    return subprocess.CompletedProcess(["fork", "train", *overrides], code, stdout, stderr)
+    return subprocess.CompletedProcess(["fork", *name], code, stdout, stderr)
 
 
 def _wait(pids: list[int], timeout: float) -> list[int] | None:

@@ -16,11 +16,53 @@ from train.engine import build_optimizer, build_scheduler
 REL_TOL = 1e-5
 
 
-def reference_losses(overrides: list[str], steps: int) -> list[float]:
-    """Plain PyTorch: one process, the whole global batch in one forward, torch AdamW, clipping."""
+def run_config(overrides: list[str], world_size: int = 1):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=[*overrides, "run_dir=unused"])
-    run = build_run_config(OmegaConf.to_container(cfg, resolve=True), world_size=1)
+    return build_run_config(OmegaConf.to_container(cfg, resolve=True), world_size=world_size)
+
+
+def micro_batch_reference(overrides: list[str], steps: int) -> tuple[list[dict[str, float]], dict[str, torch.Tensor]]:
+    """Plain PyTorch, one process, the trainer's micro-batches one after another with gradient accumulation (the
+    MoE aux loss is a per-micro-batch statistic, so this is what "the same as one rank" means for MoE models), torch
+    AdamW and clipping with the norm summed in float64 (torch's float32 norm of the 1M-entry embedding gradient is
+    off by ~2e-5 relative on CPU). Returns per step ce/aux/loss/grad_norm, and the gradients of the first step."""
+    run = run_config(overrides)
+    torch.manual_seed(run.train.seed)
+    model = Transformer(run.model)
+    opt = build_optimizer(model, run.optim)
+    sched = build_scheduler(opt, run)
+    loader = GlobalBatchLoader(
+        run.data, seq_len=run.train.seq_len, global_batch_size=run.train.global_batch_size,
+        micro_batch_size=run.train.micro_batch_size, dp_rank=0, dp_size=1, seed=run.train.seed,
+    )
+    out, first_grads = [], {}
+    for step in range(steps):
+        batch = loader.batch(step)
+        n = batch.shape[0]
+        ce = aux = 0.0
+        for micro in batch:
+            res = model(micro[:, :-1], labels=micro[:, 1:])
+            (res.loss / n).backward()
+            ce += res.ce_loss.item() / n
+            aux += res.aux_loss.item() / n
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        norm = torch.stack([g.double().square().sum() for g in grads]).sum().sqrt()
+        if step == 0:
+            first_grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+        coef = torch.clamp(run.train.grad_clip / (norm + 1e-6), max=1.0).float()
+        for g in grads:
+            g.mul_(coef)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        out.append({"loss": ce + aux, "ce_loss": ce, "aux_loss": aux, "grad_norm": float(norm)})
+    return out, first_grads
+
+
+def reference_losses(overrides: list[str], steps: int) -> list[float]:
+    """Plain PyTorch: one process, the whole global batch in one forward, torch AdamW, clipping."""
+    run = run_config(overrides)
     torch.manual_seed(run.train.seed)
     model = Transformer(run.model)
     opt = build_optimizer(model, run.optim)

@@ -31,8 +31,8 @@ def _moe_cfg(**kw) -> ModelConfig:
     return ModelConfig(**{**base, **kw})
 
 
-def _check_case(rank: int, world: int, case: dict) -> None:
-    from train.parallel.ep import ExpertParallelMoE, create_expert_groups, shard_moe
+def _check_case(rank: int, world: int, case: dict, groups) -> None:
+    from train.parallel.ep import ExpertParallelMoE, shard_moe
 
     cfg = _moe_cfg(**case.get("cfg", {}))
     torch.manual_seed(0)
@@ -42,7 +42,6 @@ def _check_case(rank: int, world: int, case: dict) -> None:
         ref.expert_bias.copy_(torch.tensor(bias, dtype=torch.float64))
     ep = MoE(cfg).double()
     ep.load_state_dict(ref.state_dict())
-    groups = create_expert_groups(world)
     shard_moe(ep, groups)
     assert isinstance(ep, ExpertParallelMoE) and ep.w1.shape[0] == E // world
 
@@ -98,13 +97,11 @@ GRAD_SAMPLE = {
 }
 
 
-def _check_engine_gradients(rank: int, world: int, model_name: str) -> None:
+def _check_engine_gradients(rank: int, world: int, model_name: str, groups) -> None:
     """One step of the DeepSpeed engine (ZeRO-0, EP2): gradients after DeepSpeed's reduction equal one process's
     gradients accumulated over the same micro-batches (experts: this rank's slice)."""
     from data.stream import GlobalBatchLoader
-    from train.engine import build_engine
-    from train.parallel.ep import apply_expert_parallel
-    from train.trainer import build_model
+    from train.train_module import build_model, build_train_module
 
     run = _run_config(_overrides(model_name, "parallel=zero0", "parallel.ep=2"), world_size=world)
     T, G = run.train.seq_len, run.train.global_batch_size
@@ -115,9 +112,8 @@ def _check_engine_gradients(rank: int, world: int, model_name: str) -> None:
     for micro in batch:
         (ref(micro[:, :-1], labels=micro[:, 1:]).loss / len(batch)).backward()
 
-    model = build_model(run)
-    apply_expert_parallel(model, 2)
-    engine = build_engine(model, run, "fp32")
+    engine = build_train_module(run, groups, "fp32", torch.device("cpu")).engine
+    model = engine.module
     mine = GlobalBatchLoader(run.data, seq_len=T, global_batch_size=G, micro_batch_size=1, dp_rank=rank,
                              dp_size=world, seed=run.train.seed).batch(0)
     for i, micro in enumerate(mine):
@@ -139,11 +135,14 @@ def _worker(rank: int, world: int, port: int, cases: dict[str, dict], grad_model
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     from train.engine import init_distributed
+    from train.parallel.dims import Layout
+    from train.parallel.groups import init_groups
 
     init_distributed(torch.device("cpu"))  # gloo, through DeepSpeed (its engine needs its comm layer)
+    groups = init_groups(Layout(world=world, dp=world, ep=world, rank=rank))  # megatron-core's expert groups
     try:
-        checks = [(f"dispatch {n}", _check_case, (rank, world, c)) for n, c in cases.items()]
-        checks += [(f"engine gradients {m}", _check_engine_gradients, (rank, world, m)) for m in grad_models]
+        checks = [(f"dispatch {n}", _check_case, (rank, world, c, groups)) for n, c in cases.items()]
+        checks += [(f"engine gradients {m}", _check_engine_gradients, (rank, world, m, groups)) for m in grad_models]
         for name, fn, args in checks:
             try:
                 fn(*args)
@@ -198,7 +197,7 @@ def reference_metrics(model_name: str, steps: int) -> list[dict[str, float]]:
     """Plain PyTorch, one process: the step's micro-batches (size 1) accumulated, torch AdamW, clipping."""
     from data.stream import GlobalBatchLoader
     from train.engine import build_optimizer, build_scheduler
-    from train.trainer import build_model
+    from train.train_module import build_model
 
     run = _run_config(_overrides(model_name), world_size=1)
     model = build_model(run)

@@ -37,11 +37,12 @@ INVALID = [
     (["model=moe_tiny", "parallel=zero3", "parallel.ep=2"], 2, "parallel.zero_stage", ["ZeRO stages 0-2"]),
     (["parallel.pp=8", "parallel.zero_stage=1"], 8, "parallel.pp", ["n_layers=4"]),
     (["parallel.pp=2", "parallel.zero_stage=2"], 2, "parallel.zero_stage", ["pp=2", "ZeRO stage 0 or 1"]),
-    (["parallel.pp=2", "parallel.tp=2", "parallel.zero_stage=1"], 4, "parallel.tp", ["not implemented"]),
-    (["model=moe_tiny", "parallel.pp=2", "parallel.ep=2", "parallel.zero_stage=1"], 4, "parallel.ep",
-     ["not implemented"]),
-    (["model=moe_tiny", "parallel.tp=2", "parallel.ep=2", "parallel.zero_stage=0"], 4, "parallel.zero_stage",
-     ["tp=2 with ep=2", "ZeRO stage 1 or 2"]),
+    (["parallel.tp=2", "model.tie_embeddings=true", "model.vocab_size=8001"], 2, "parallel.tp",
+     ["vocab_size=8001", "multiple of 2"]),
+    (["model=hybrid_tiny", "parallel.tp=4", "model.n_heads=8", "model.n_kv_heads=4", "model.mamba_expand=1",
+      "model.d_model=130", "++model.head_dim=16"], 4, "parallel.tp", ["mamba_d_inner=130"]),
+    (["parallel=tp2", "train.seq_len=31"], 2, "train.seq_len", ["not divisible by parallel.tp=2",
+                                                                 "sequence_parallel=false"]),
     (["parallel=tp2"], 3, "parallel.tp", ["world size 3"]),
 ]
 
@@ -67,6 +68,11 @@ def test_invalid_layout_is_refused_with_sizes_and_fix(overrides, world, key, wor
         (["model=moe_tiny", "parallel=ep2"], 2),
         (["model=hybrid_tiny", "parallel=tp2"], 2),
         (["model=moe_tiny", "parallel=tp2_ep2"], 4),
+        (["parallel=tp2", "parallel.sequence_parallel=false", "train.seq_len=31"], 2),
+        (["parallel=tp2", "parallel.pp=2", "parallel.zero_stage=1"], 4),
+        (["model=moe_tiny", "parallel=pp2", "parallel.ep=2"], 4),
+        (["model=moe_tiny", "parallel=tp2", "parallel.pp=2", "parallel.ep=2", "parallel.zero_stage=1"], 8),
+        (["model=moe_tiny", "parallel=tp2_ep2", "parallel.zero_stage=0"], 4),
     ],
 )
 def test_shipped_layouts_are_valid(overrides, world, sample_data):

@@ -25,12 +25,7 @@ from model.transformer import Transformer, causal_lm_loss
 from tests.utils import PYTHON, REPO, TINY, child_env, free_port, read_metrics, run_train, train_losses
 from train.config import RunConfig, build_run_config
 from train.engine import build_optimizer, build_scheduler
-from train.parallel.pp import (
-    check_pipeline_config,
-    layer_specs,
-    model_key_to_pipeline_key,
-    pipeline_key_to_model_key,
-)
+from train.parallel.pp import layer_specs, model_key_to_pipeline_key, pipeline_key_to_model_key
 
 STEPS = 10
 REL_TOL = 1e-5
@@ -141,10 +136,10 @@ def test_stage_chain_equals_model_forward_and_names_map_back(model, tied, sample
     assert all(mapped[k] is model_state[k] or torch.equal(mapped[k], model_state[k]) for k in expected)
 
 
-def test_pipeline_refuses_zero2_and_bad_partition():
+def test_pipeline_refuses_zero2_and_bad_partition(sample_data):
     with pytest.raises(ConfigError, match="ZeRO stage 0 or 1"):
-        check_pipeline_config(zero_stage=2, pp=2)
-    check_pipeline_config(zero_stage=1, pp=2)
+        run_config(["parallel=pp2", "parallel.zero_stage=2"], world_size=2)
+    run_config(["parallel=pp2", "parallel.zero_stage=1"], world_size=2)
     from train.parallel.pp import _partition_method
 
     with pytest.raises(ConfigError, match="pp_partition"):
@@ -258,37 +253,35 @@ def test_pipeline_gradients_match_single_process(sample_data, tmp_path):
 
 
 def _grads_worker(out_dir: str, overrides: list[str]) -> None:
-    """torchrun worker: one pipeline step at PP2; dumps each stage's gradients (model names) before clipping."""
+    """torchrun worker: one pipeline step at PP2 of the trainer's TrainModule; dumps each stage's gradients (model
+    names) as the optimizer sees them (after the data-parallel and tied-weight reductions; clipping off)."""
     import torch.distributed as dist
 
-    from train.checkpoint_layout_free import _named_model_params  # the model names of this stage's parameters
     from train.engine import init_distributed
     from train.parallel.dims import make_layout
-    from train.parallel.pp import build_pipeline_engine, pipeline_dp_rank, pipeline_train_step
+    from train.parallel.groups import init_groups
+    from train.train_module import build_train_module
 
     world = int(os.environ["WORLD_SIZE"])
-    run = run_config([*overrides, "parallel=pp2", "parallel.zero_stage=0"], world_size=world)
+    run = run_config([*overrides, "parallel=pp2", "parallel.zero_stage=0", "train.grad_clip=0"], world_size=world)
     init_distributed(torch.device("cpu"))
     layout = make_layout(run.parallel, run.model, world, dist.get_rank())
-    torch.manual_seed(run.train.seed)
-    engine = build_pipeline_engine(Transformer(run.model), run, layout, "fp32")
+    module = build_train_module(run, init_groups(layout), "fp32", torch.device("cpu"))
     loader = GlobalBatchLoader(
         run.data, seq_len=run.train.seq_len, global_batch_size=run.train.global_batch_size,
-        micro_batch_size=run.train.micro_batch_size, dp_rank=pipeline_dp_rank(engine), dp_size=run.dp_size,
+        micro_batch_size=run.train.micro_batch_size, dp_rank=layout.dp_rank, dp_size=run.dp_size,
         seed=run.train.seed,
     )
     grads: dict[str, torch.Tensor] = {}
-    clip = engine.clip_fp32_gradients  # runs after the data-parallel and tied-weight reductions
 
-    def snapshot_then_clip() -> torch.Tensor:
-        for name, p in _named_model_params(engine):
+    def snapshot(opt: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+        for name, p in module.named_parameters():
             grads[name] = p.grad.detach().clone()
-        return clip()
 
-    engine.clip_fp32_gradients = snapshot_then_clip
-    pipeline_train_step(engine, loader.batch(0))
-    if pipeline_dp_rank(engine) == 0:
-        torch.save(grads, Path(out_dir) / f"grads_stage{engine.stage_id}.pt")
+    module.engine.optimizer.register_step_pre_hook(snapshot)
+    module.train_batch(loader.batch(0))
+    if layout.dp_rank == 0:
+        torch.save(grads, Path(out_dir) / f"grads_stage{layout.pp_rank}.pt")
     dist.barrier()
 
 

@@ -92,9 +92,12 @@ def _grad_worker(out_path: str) -> None:
     from data.stream import GlobalBatchLoader
     from model.transformer import Transformer
     from train.config import build_run_config
-    from train.engine import build_engine, init_distributed
-    from train.parallel.autotp import gather_full, tp_grad_norm
-    from train.parallel.dims import init_groups, make_layout
+    from train.engine import init_distributed
+    from train.parallel.autotp import gather_full
+    from train.parallel.dims import make_layout
+    from train.parallel.grad import grad_norm
+    from train.parallel.groups import init_groups
+    from train.train_module import build_train_module
 
     init_distributed(torch.device("cpu"))
     rank = dist.get_rank()
@@ -105,8 +108,7 @@ def _grad_worker(out_path: str) -> None:
         run = build_run_config(OmegaConf.to_container(cfg, resolve=True), world_size=2)
         layout = make_layout(run.parallel, run.model, 2, rank)
         groups = init_groups(layout)
-        torch.manual_seed(run.train.seed)
-        engine = build_engine(Transformer(run.model), run, "fp32", groups)
+        engine = build_train_module(run, groups, "fp32", torch.device("cpu")).engine
         G = run.train.global_batch_size
         kw = {"seq_len": run.train.seq_len, "global_batch_size": G, "seed": run.train.seed}
         batch = GlobalBatchLoader(run.data, micro_batch_size=run.train.micro_batch_size, dp_rank=layout.dp_rank,
@@ -118,7 +120,7 @@ def _grad_worker(out_path: str) -> None:
             engine.backward(out.loss)  # gradients are complete after the last micro-batch (no step taken)
             loss += out.loss.item() / len(batch)
         grads = gather_full(engine.module, run.model, groups.tp_group, grads=True)
-        norm = float(tp_grad_norm(engine.module, groups.tp_group))
+        norm = float(grad_norm(engine.module.parameters(), groups))
         sharded = sum(getattr(p, "tensor_model_parallel", False) for p in engine.module.parameters())
 
         # One process, the same micro-batches accumulated (MoE aux losses are per micro-batch statistics).

@@ -30,7 +30,6 @@ from train.checkpoint_layout_free import (
     save_layout_free_state,
 )
 from train.parallel.ep import load_expert_shards, save_expert_shards
-from train.parallel.pp import pipeline_stages
 
 TAG = "ds"
 UNIVERSAL_TAG = "universal"  # DeepSpeed universal checkpoint converted from TAG, for resuming under another layout
@@ -55,18 +54,27 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every generator's state as JSON values (checkpoint files are never unpickled)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state().tolist(),
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)],
+        "python": [version, list(internal), gauss_next],
+    }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
     return state
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
 def _any_rank(flag: bool) -> bool:
@@ -85,8 +93,7 @@ def _barrier() -> None:
 
 
 def save_checkpoint(
-    engine: Any, run_dir: Path, step: int, data_state: dict[str, Any], config_yaml: str, keep_last: int,
-    layout: Any = None,
+    module: Any, run_dir: Path, step: int, data_state: dict[str, Any], config_yaml: str, keep_last: int
 ) -> Path:
     """Collective: every rank calls it. Returns the published checkpoint directory."""
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -99,18 +106,18 @@ def save_checkpoint(
     _barrier()
     error: Exception | None = None
     try:
-        engine.save_checkpoint(str(tmp), tag=TAG, client_state={"step": step}, save_latest=False)
+        module.save_engine_state(tmp, TAG, step)
+        engine = module.engine
         save_expert_shards(engine.module, tmp)  # expert-parallel runs: each EP rank's experts (else no-op)
-        if layout_free_supported(engine):  # model-named state: resume under another PP/DP layout
-            save_layout_free_state(engine, tmp)
-        torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
+        if layout_free_supported(module):  # model-named state: resume under another PP/DP layout
+            save_layout_free_state(module, tmp)
+        (tmp / f"rng_rank{rank}.json").write_text(json.dumps(_rng_state()))
         if rank == 0:
             (tmp / "config.yaml").write_text(config_yaml)
             meta = {"step": step, "data": data_state, "world_size": dist.get_world_size() if dist.is_initialized() else 1}
-            meta["pp"] = pipeline_stages(engine)
-            if layout is not None:  # train.parallel.Layout: lets a resume decide how to reshard
-                meta["layout"] = {"dp": layout.dp, "tp": layout.tp, "pp": layout.pp, "ep": layout.ep,
-                                  "zero_stage": engine.zero_optimization_stage()}
+            lay = module.layout
+            meta["layout"] = {"dp": lay.dp, "tp": lay.tp, "pp": lay.pp, "ep": lay.ep,
+                              "zero_stage": engine.zero_optimization_stage()}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     except (OSError, RuntimeError) as e:  # full disk, quota, permissions (torch.save wraps write errors
         error = e  # in RuntimeError): report once, keep the last good checkpoint
@@ -172,40 +179,41 @@ def _prune(root: Path, keep_last: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def load_checkpoint(engine: Any, ckpt: Path) -> dict[str, Any]:
+def load_checkpoint(module: Any, ckpt: Path) -> dict[str, Any]:
     """Collective. Restores engine (model, optimizer, lr schedule) and this rank's RNG; returns meta."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     meta = json.loads((ckpt / "meta.json").read_text())
     world = dist.get_world_size() if dist.is_initialized() else 1
-    pp = pipeline_stages(engine)
+    engine = module.engine
+    saved = meta.get("layout") or {}
+    same_stages = saved.get("pp", meta.get("pp", 1)) == module.layout.pp
     if engine.load_universal_checkpoint():  # the trainer saw a TP/DP layout change (universal_resume_needed)
         _load_universal(engine, ckpt)
         return meta
-    if meta["world_size"] != world or meta.get("pp", 1) != pp:
+    if meta["world_size"] != world or not same_stages:
         # Another layout: DeepSpeed's files are bound to theirs; the model-named copy (train.parallel.pp) is not.
-        if not (has_layout_free_state(ckpt) and layout_free_supported(engine)):
+        if not (has_layout_free_state(ckpt) and layout_free_supported(module)):
             raise CheckpointError(
-                f"{ckpt} was saved with {meta['world_size']} ranks (pp={meta.get('pp', 1)}) and this run has {world} "
-                f"(pp={pp}); resuming under another layout needs a ZeRO 0/1 checkpoint without TP/EP: resume with "
+                f"{ckpt} was saved with {meta['world_size']} ranks ({saved}) and this run has {world} "
+                f"({module.layout.describe()}); resuming under another layout needs a ZeRO 0/1 checkpoint without TP/EP: resume with "
                 "the same number of ranks and parallel settings"
             )
-        load_layout_free_state(engine, ckpt)
+        load_layout_free_state(module, ckpt)
         return meta
-    load_path, _ = engine.load_checkpoint(str(ckpt), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
-    if load_path is None:
+    if not module.load_engine_state(ckpt, TAG):
         raise CheckpointError(f"DeepSpeed found no engine state under {ckpt}/{TAG}; the checkpoint is incomplete")
     try:
         load_expert_shards(engine.module, ckpt)  # DeepSpeed's model file holds rank 0's experts only
     except RuntimeError as e:
         raise CheckpointError(str(e)) from e
-    rng_file = ckpt / f"rng_rank{rank}.pt"
+    rng_file = ckpt / f"rng_rank{rank}.json"
     if rng_file.exists():
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        _set_rng_state(json.loads(rng_file.read_text()))
     return meta
 
 
 # ------------------------------------------------------------------------------ resuming under another layout
-# Another TP/DP layout goes through DeepSpeed's universal checkpoint (DESIGN 3): `ds_to_universal` turns the ZeRO
+# Another TP/DP layout goes through DeepSpeed's universal checkpoint: `ds_to_universal` turns the ZeRO
 # shards into one fp32 tensor + Adam moments per parameter name, and an engine built with
 # `"checkpoint": {"load_universal": true}` slices them for its own ZeRO partitioning and AutoTP shards. This is
 # DeepSpeed's own resharding, so nothing of ours has to know the flat-buffer layout. It needs ZeRO >= 1 on both

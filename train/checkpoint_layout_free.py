@@ -6,10 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
-from torch import nn
-
-from train.parallel.pp import is_pipeline_engine, pipeline_key_to_model_key
 
 # ------------------------------------------------------------------------------- layout-free checkpoint state
 # A copy of the training state keyed by the single-device model's names (``Transformer.state_dict()`` keys):
@@ -19,41 +15,6 @@ from train.parallel.pp import is_pipeline_engine, pipeline_key_to_model_key
 # gathered here.
 LAYOUT_FREE_DIR = "layout_free"
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
-
-
-def _named_model_params(engine: Any) -> list[tuple[str, nn.Parameter]]:
-    """(model key, parameter) for every local parameter, tied copies included, in a fixed order."""
-    if not is_pipeline_engine(engine):
-        return list(engine.module.named_parameters())
-    cfg = engine.module.model_cfg
-    named = []
-    for name, p in engine.module.named_parameters(remove_duplicate=False):
-        if name.startswith("tied_modules."):
-            named.append((name.split(".", 2)[2], p))  # tied_modules.<key>.embed.weight -> embed.weight
-        else:
-            layer, key = name.split(".", 1)
-            named.append((pipeline_key_to_model_key(int(layer), key, cfg), p))
-    return named
-
-
-def _named_model_buffers(engine: Any) -> dict[str, torch.Tensor]:
-    module = engine.module
-    if not is_pipeline_engine(engine):
-        return dict(module.named_buffers())
-    out = {}
-    for name, buf in module.named_buffers():
-        layer, key = name.split(".", 1)
-        if layer.isdigit():
-            out[pipeline_key_to_model_key(int(layer), key, module.model_cfg)] = buf
-    return out
-
-
-def _data_parallel_rank(engine: Any) -> int:
-    if is_pipeline_engine(engine):
-        return engine.grid.data_parallel_id
-    if engine.mpu is not None:
-        return engine.mpu.get_data_parallel_rank()
-    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def _inner_optimizer(engine: Any) -> torch.optim.Optimizer:
@@ -77,36 +38,37 @@ def _link_zero_optimizer_state(engine: Any) -> None:
         lazy_init_hp_params_optimizer_state(lp_params, flat, zero.optimizer.state)
 
 
-def layout_free_supported(engine: Any) -> bool:
-    """ZeRO 0/1 (bf16 with ZeRO-1 only), no tensor parallelism (a DeepSpeed ``mpu`` outside pipelines), no
-    expert-parallel shards."""
-    if engine.zero_optimization_stage() > 1 or (engine.mpu is not None and not is_pipeline_engine(engine)):
+def layout_free_supported(module: Any) -> bool:
+    """ZeRO 0/1 (bf16 with ZeRO-1 only), no tensor parallelism, no expert-parallel shards."""
+    engine = module.engine
+    if engine.zero_optimization_stage() > 1 or module.layout.tp > 1:
         return False
     if engine.fp16_enabled() or (engine.bfloat16_enabled() and engine.zero_optimization_stage() == 0):
         return False  # DeepSpeed's BF16_Optimizer / fp16 wrappers keep their state in other structures
     return all(getattr(p, "allreduce", True) for p in engine.module.parameters())
 
 
-def _check_layout_free_supported(engine: Any) -> None:
-    if not layout_free_supported(engine):
+def _check_layout_free_supported(module: Any) -> None:
+    if not layout_free_supported(module):
         raise RuntimeError("layout-free checkpoint state supports ZeRO stage 0/1 without TP/EP only")
 
 
-def save_layout_free_state(engine: Any, ckpt_dir: Any) -> None:
+def save_layout_free_state(module: Any, ckpt_dir: Any) -> None:
     """Collective (every rank): writes ``<ckpt_dir>/layout_free/stage<S>.pt`` from data-parallel rank 0 of
     each pipeline stage (one file for a non-pipeline engine)."""
     from pathlib import Path
 
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    _check_layout_free_supported(engine)
+    _check_layout_free_supported(module)
+    engine = module.engine
     inner = _inner_optimizer(engine)
     steps = [float(s["step"]) for s in inner.state.values() if "step" in s]
     params: dict[str, dict[str, torch.Tensor]] = {}
     seen: set[str] = set()
     if _uses_hp_mapping(engine) and steps:
         _link_zero_optimizer_state(engine)
-    for key, p in _named_model_params(engine):
+    for key, p in module.named_parameters():
         if key in seen or getattr(p, "ds_pipe_replicated", False):
             continue  # a tied weight is saved once, from the stage that owns it
         seen.add(key)
@@ -118,14 +80,14 @@ def save_layout_free_state(engine: Any, ckpt_dir: Any) -> None:
             state = inner.state.get(p, {})
             entry = {"param": p.detach().float()} | {k: state.get(k) for k in ADAM_KEYS}
         params[key] = {k: (v.detach().cpu().clone() if v is not None else None) for k, v in entry.items()}
-    if _data_parallel_rank(engine) != 0:
+    if module.layout.dp_rank != 0:
         return
-    stage = engine.stage_id if is_pipeline_engine(engine) else 0
+    stage = module.layout.pp_rank
     out = Path(ckpt_dir) / LAYOUT_FREE_DIR
     out.mkdir(parents=True, exist_ok=True)
     blob = {
         "params": params,
-        "buffers": {k: v.detach().cpu().clone() for k, v in _named_model_buffers(engine).items()},
+        "buffers": {k: v.detach().cpu().clone() for k, v in module.named_buffers()},
         "optimizer_step": steps[0] if steps else None,
         "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
         "counters": {"global_steps": engine.global_steps, "global_samples": engine.global_samples,
@@ -141,14 +103,15 @@ def has_layout_free_state(ckpt_dir: Any) -> bool:
 
 
 @torch.no_grad()
-def load_layout_free_state(engine: Any, ckpt_dir: Any) -> None:
+def load_layout_free_state(module: Any, ckpt_dir: Any) -> None:
     """Collective: restores weights, AdamW state, buffers, lr schedule and counters saved by
     :func:`save_layout_free_state` under any pipeline/data-parallel layout into this engine."""
     from pathlib import Path
 
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-    _check_layout_free_supported(engine)
+    _check_layout_free_supported(module)
+    engine = module.engine
     files = sorted((Path(ckpt_dir) / LAYOUT_FREE_DIR).glob("stage*.pt"))
     if not files:
         raise RuntimeError(f"{ckpt_dir} has no {LAYOUT_FREE_DIR}/ state; it cannot be resumed under another layout")
@@ -167,7 +130,7 @@ def load_layout_free_state(engine: Any, ckpt_dir: Any) -> None:
             if not inner.state.get(flat):
                 inner.state[flat] = {"step": torch.tensor(step), **{k: torch.zeros_like(flat) for k in ADAM_KEYS}}
         _link_zero_optimizer_state(engine)
-    for key, p in _named_model_params(engine):
+    for key, p in module.named_parameters():
         if key not in params:
             raise RuntimeError(f"{ckpt_dir}: no saved state for parameter {key!r}")
         entry = params[key]
@@ -184,7 +147,7 @@ def load_layout_free_state(engine: Any, ckpt_dir: Any) -> None:
     if step is not None:
         for state in inner.state.values():
             state["step"] = torch.tensor(step)
-    for key, buf in _named_model_buffers(engine).items():
+    for key, buf in module.named_buffers():
         buf.copy_(buffers[key].to(buf.device, buf.dtype))
     if engine.lr_scheduler is not None and head["lr_scheduler"] is not None:
         engine.lr_scheduler.load_state_dict(head["lr_scheduler"])

@@ -31,6 +31,13 @@ class ParallelConfig:
     # How pipeline stages split the layers: parameters (balance parameter counts), uniform (layer counts),
     # blocks (balance decoder blocks; embedding and head ride on the first and last stage). See train.parallel.pp.
     pp_partition: str = "parameters"
+    # Norms and residuals on 1/tp of the sequence between the tensor-parallel matmuls; null = on when tp > 1.
+    sequence_parallel: bool | None = None
+
+    @property
+    def sp(self) -> bool:
+        """Whether sequence parallelism is on."""
+        return self.tp > 1 and self.sequence_parallel is not False
 
     def validate(self, world_size: int, model: ModelConfig | None = None) -> int:
         """Checks the layout against the model and the world size (train.parallel.validate_layout, before any
@@ -113,7 +120,7 @@ class TrainConfig:
     device: str = "auto"
     peak_flops: float | None = None
 
-    def validate(self, dp_size: int, model: ModelConfig) -> None:
+    def validate(self, dp_size: int, model: ModelConfig, parallel: ParallelConfig) -> None:
         for key in ("steps", "micro_batch_size", "global_batch_size", "seq_len"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
@@ -128,6 +135,9 @@ class TrainConfig:
             )
         if self.seq_len > model.max_seq_len:
             raise ConfigError("train.seq_len", f"{self.seq_len} exceeds model.max_seq_len={model.max_seq_len}")
+        if parallel.sp and self.seq_len % parallel.tp != 0:
+            raise ConfigError("train.seq_len", f"{self.seq_len} is not divisible by parallel.tp={parallel.tp}: sequence "
+                              "parallelism splits the sequence; pick a multiple of tp or parallel.sequence_parallel=false")
         if self.resume not in ("auto", "never"):
             raise ConfigError("train.resume", f"got {self.resume!r}; use auto or never")
         if self.precision not in ("auto", "fp32", "bf16"):
@@ -180,7 +190,7 @@ def build_run_config(cfg: dict[str, Any], world_size: int | None = None) -> RunC
 
     dp_size = parallel.validate(world_size, model)
     optim.validate()
-    train.validate(dp_size, model)
+    train.validate(dp_size, model, parallel)
     sched.validate(train.steps)
     logging_cfg.validate()
     data = DataConfig.from_dict(dict(cfg["data"]))

@@ -17,7 +17,7 @@ from train.config import OptimConfig, RunConfig, SchedConfig
 def ensure_distributed_env() -> None:
     """Makes a plain `python -m train` a 1-process world and maps SLURM/submitit variables.
 
-    Without RANK/WORLD_SIZE/MASTER_* DeepSpeed falls into MPI discovery and fails (DESIGN 3).
+    Without RANK/WORLD_SIZE/MASTER_* DeepSpeed falls into MPI discovery and fails.
     """
     if "RANK" not in os.environ:
         if "SUBMITIT_EXECUTOR" in os.environ or "SUBMITIT_FOLDER" in os.environ:
@@ -64,7 +64,7 @@ def init_distributed(device: torch.device) -> None:
     import deepspeed
 
     # DeepSpeed JIT-compiles its shared-memory comm op on first init on CPU (~3 min) although
-    # training never uses it; marking it incompatible skips the build (DESIGN 3).
+    # training never uses it; marking it incompatible skips the build.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -90,7 +90,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    from train.parallel.ep import expert_param_groups
+    from train.parallel.ep import expert_param_groups  # no-op without expert parallelism
 
     # torch's AdamW, not DeepSpeed's FusedAdam/CPUAdam, which JIT-compile for minutes on CPU. Expert-parallel
     # parameters go into DeepSpeed's MoE param groups (unchanged without expert parallelism).
@@ -129,7 +129,7 @@ def deepspeed_config(cfg: RunConfig, precision: str) -> dict[str, Any]:
         "train_batch_size": cfg.train.global_batch_size,
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum_steps,
-        # DeepSpeed 0.19 clips at 1.0 unless told otherwise (DESIGN 3): always set it.
+        # DeepSpeed 0.19 clips at 1.0 unless told otherwise: always set it.
         "gradient_clipping": cfg.train.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": precision == "bf16"},
@@ -139,39 +139,3 @@ def deepspeed_config(cfg: RunConfig, precision: str) -> dict[str, Any]:
         "wall_clock_breakdown": False,
         "dump_state": False,
     }
-
-
-def build_engine(model: nn.Module, cfg: RunConfig, precision: str, groups: Any = None, load_universal: bool = False):
-    """Wraps the model in a DeepSpeed engine with torch AdamW and our lr schedule.
-
-    ``groups`` (``train.parallel.ParallelGroups``) is DeepSpeed's ``mpu`` under tensor parallelism: it gives the
-    data-parallel size that turns the global batch into per-rank batches. With ``parallel.tp > 1`` DeepSpeed
-    AutoTP shards the model inside ``deepspeed.initialize`` (``train.parallel.autotp``). ``load_universal``: the run
-    resumes a checkpoint of another layout (``train.checkpoint.universal_resume_needed``).
-    """
-    import deepspeed
-
-    from train.parallel.ep import install_global_grad_clipping, own_clipping
-
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg)
-    ds_config = deepspeed_config(cfg, precision)
-    if own_clipping(model, cfg.parallel.zero_stage, precision) and cfg.train.grad_clip > 0:
-        # DeepSpeed's fp32 ZeRO-0 clipping averages per-rank norms, wrong when ranks hold different experts.
-        ds_config["gradient_clipping"] = 0.0
-        install_global_grad_clipping(optimizer, model, cfg.train.grad_clip)
-    if load_universal:
-        ds_config["checkpoint"] = {"load_universal": True}
-    if cfg.parallel.tp > 1:
-        from train.parallel.autotp import autotp_config
-
-        ds_config["tensor_parallel"] = autotp_config(cfg.model, cfg.parallel.tp)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=scheduler,
-        config=ds_config,
-        mpu=groups if cfg.parallel.tp > 1 else None,
-        dist_init_required=False,
-    )
-    return engine

@@ -1,5 +1,6 @@
-"""The training loop: model-agnostic; DeepSpeed does data parallelism, the loader the data,
-`train.checkpoint` the state, `train.metrics` the logs."""
+"""The training loop: the same for every model and parallel layout. A `TrainModule` steps the model, the loader
+gives each data-parallel rank its slice of the global batch, `train.checkpoint` saves and restores the state,
+`train.metrics` logs."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ import torch.distributed as dist
 
 from data.stream import GlobalBatchLoader
 from model.flops import flops_per_token, param_counts
-from model.transformer import Transformer
 from train.checkpoint import (
     CheckpointError,
     latest_checkpoint,
@@ -23,19 +23,11 @@ from train.checkpoint import (
     universal_resume_needed,
 )
 from train.config import RunConfig
-from train.engine import build_engine, init_distributed, resolve_device, resolve_precision
+from train.engine import init_distributed, resolve_device, resolve_precision
 from train.metrics import MetricsLogger, peak_flops_per_device
-from train.parallel.autotp import is_tensor_parallel, tp_grad_norm
-from train.parallel.dims import init_groups, make_layout
-from train.parallel.ep import apply_expert_parallel
-from train.parallel.ep import grad_norm as global_grad_norm
-from train.parallel.pp import (
-    build_pipeline_engine,
-    is_pipeline_engine,
-    pipeline_eval_step,
-    pipeline_moe_stats_and_bias_update,
-    pipeline_train_step,
-)
+from train.parallel.dims import make_layout
+from train.parallel.groups import init_groups
+from train.train_module import TrainModule, build_train_module
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: the job stopped on a signal after a checkpoint; requeue it
 
@@ -75,54 +67,6 @@ def _mean_across_ranks(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-def build_model(cfg: RunConfig) -> Transformer:
-    """Same seed on every rank, so every rank starts from identical weights."""
-    torch.manual_seed(cfg.train.seed)
-    return Transformer(cfg.model)
-
-
-def train_step(engine: Any, batch: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
-    """One optimizer step over this rank's micro-batches [grad_accum, micro_bs, seq_len + 1]."""
-    ce_sum = torch.zeros((), device=device)
-    aux_sum = torch.zeros((), device=device)
-    n = batch.shape[0]
-    # DeepSpeed reports the global grad norm from its ZeRO/bf16 optimizers only; for plain fp32
-    # ZeRO-0 we take it from the (already all-reduced) gradients before the optimizer step.
-    own_norm = engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
-    grad_norm = None
-    for i, micro in enumerate(batch):
-        micro = micro.to(device, non_blocking=True)
-        out = engine(micro[:, :-1], labels=micro[:, 1:])
-        engine.backward(out.loss)
-        if own_norm and i == n - 1:
-            if is_tensor_parallel(engine.module):
-                grad_norm = tp_grad_norm(engine.module)  # shards summed over the TP group
-            else:
-                grad_norm = global_grad_norm(engine.module)  # expert shards of every EP rank included
-        engine.step()  # DeepSpeed accumulates and steps the optimizer at the last micro-batch
-        ce_sum += out.ce_loss.detach().float()
-        aux_sum += out.aux_loss.detach().float()
-    if grad_norm is None and engine.get_global_grad_norm() is not None:
-        grad_norm = torch.tensor(float(engine.get_global_grad_norm()))
-    return {"ce_loss": ce_sum / n, "aux_loss": aux_sum / n, "grad_norm": grad_norm}
-
-
-def _moe_stats_and_bias_update(model: Transformer, step: int) -> dict[str, float]:
-    """Per-layer expert load (fraction of routed slots) and the aux-loss-free bias update."""
-    stats: dict[str, float] = {}
-    for i, moe in enumerate(model.moe_layers()):
-        last = getattr(moe, "last_stats", None)
-        if not last or "load" not in last:
-            continue
-        load = _mean_across_ranks(last["load"].detach().float().reshape(-1))
-        moe.update_bias(load)  # identical on every rank (global load), so biases stay in sync
-        mean = load.mean().clamp_min(1e-12)
-        stats[f"moe/layer{i}/max_over_mean_load"] = float(load.max() / mean)
-        for e, frac in enumerate(load.tolist()):
-            stats[f"moe/layer{i}/load_e{e}"] = frac
-    return stats
-
-
 def data_loader(cfg: RunConfig, dp_rank: int, split: str = "train") -> GlobalBatchLoader:
     """This DP rank's slice of the run's global batches (TP/PP ranks of one DP rank read the same data)."""
     return GlobalBatchLoader(
@@ -133,29 +77,20 @@ def data_loader(cfg: RunConfig, dp_rank: int, split: str = "train") -> GlobalBat
 
 
 @torch.no_grad()
-def evaluate(engine: Any, cfg: RunConfig, device: torch.device, dp_rank: int) -> float | None:
+def evaluate(module: TrainModule, cfg: RunConfig, device: torch.device) -> float | None:
     """Mean next-token loss on held-out batches of the `val` split (same batches on any world size)."""
     try:
-        loader = data_loader(cfg, dp_rank, split="val")
+        loader = data_loader(cfg, module.layout.dp_rank, split="val")
     except ValueError as e:
         if _rank() == 0:
             print(f"eval skipped: {e}", file=sys.stderr, flush=True)
         return None
-    engine.eval()
+    module.train(False)
     total = torch.zeros((), device=device)
-    count = 0
     for i in range(cfg.train.eval_batches):
-        if is_pipeline_engine(engine):  # the pipeline runs the batch's micro-batches through all stages
-            batch = loader.batch(i)
-            total += pipeline_eval_step(engine, batch).to(device) * batch.shape[0]
-            count += batch.shape[0]
-            continue
-        for micro in loader.batch(i):
-            micro = micro.to(device)
-            total += engine(micro[:, :-1], labels=micro[:, 1:]).ce_loss.float()
-            count += 1
-    engine.train()
-    return float(_mean_across_ranks(total / max(1, count)))
+        total += module.eval_batch(loader.batch(i)).to(device)
+    module.train(True)
+    return float(_mean_across_ranks(total / max(1, cfg.train.eval_batches)))
 
 
 def run(cfg: RunConfig, config_yaml: str) -> int:
@@ -167,18 +102,13 @@ def run(cfg: RunConfig, config_yaml: str) -> int:
     rank, world = _rank(), dist.get_world_size()
     # TP ranks of one DP rank read the same data: the loader's rank/size are the layout's, not the global ones.
     layout = make_layout(cfg.parallel, cfg.model, world, rank)
-    groups = init_groups(layout) if layout.is_model_parallel else None
+    groups = init_groups(layout)
     dp_rank = layout.dp_rank
     is_main = rank == 0
     run_dir = cfg.run_dir
 
-    model = build_model(cfg)
-    # Expert parallelism shards the experts before DeepSpeed sees the parameters (no-op for ep=1).
-    apply_expert_parallel(model, layout.ep, layout.dp_groups())
-    # Hook points: pipeline parallelism (layout.pp > 1) builds its own engine from `layout` (train.parallel.pp);
-    # tensor parallelism is applied by DeepSpeed AutoTP inside build_engine (train.parallel.autotp).
-    # A TP/DP layout change since the last checkpoint is loaded through DeepSpeed's universal checkpoint, which
-    # DeepSpeed must know about when the engine is built (train.checkpoint.universal_resume_needed).
+    # A layout change since the last checkpoint may need DeepSpeed's universal checkpoint, which DeepSpeed must
+    # know about when the engine is built (train.checkpoint.universal_resume_needed).
     try:
         universal = universal_resume_needed(
             latest_checkpoint(run_dir) if cfg.train.resume == "auto" else None, layout, cfg.parallel.zero_stage
@@ -187,16 +117,13 @@ def run(cfg: RunConfig, config_yaml: str) -> int:
         if is_main:
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
-    if layout.pp > 1:
-        engine = build_pipeline_engine(model, cfg, layout, precision)
-    else:
-        engine = build_engine(model, cfg, precision, groups, load_universal=universal)
+    module = build_train_module(cfg, groups, precision, device, load_universal=universal)
     loader = data_loader(cfg, dp_rank)
 
     start_step = 0
     ckpt = latest_checkpoint(run_dir) if cfg.train.resume == "auto" else None
     if ckpt is not None:
-        meta = load_checkpoint(engine, ckpt)
+        meta = load_checkpoint(module, ckpt)
         start_step = int(meta["step"])
         loader.load_state_dict(meta["data"])
         if is_main:
@@ -239,7 +166,7 @@ def run(cfg: RunConfig, config_yaml: str) -> int:
     def checkpoint() -> None:
         nonlocal last_saved
         if last_saved != step:
-            save_checkpoint(engine, run_dir, step, loader.state_dict(), config_yaml, cfg.train.keep_last, layout)
+            save_checkpoint(module, run_dir, step, loader.state_dict(), config_yaml, cfg.train.keep_last)
             last_saved = step
 
     batches = iter(loader)
@@ -251,11 +178,8 @@ def run(cfg: RunConfig, config_yaml: str) -> int:
                 if is_main:
                     print(f"stopped on signal at step {step}; checkpoint saved; exit {EXIT_PREEMPTED} (requeue)")
                 break
-            lr = engine.get_lr()[0]
-            if layout.pp > 1:
-                losses = pipeline_train_step(engine, next(batches))
-            else:
-                losses = train_step(engine, next(batches), device)
+            lr = module.lr()
+            losses = module.train_batch(next(batches))
             step += 1
             reduced = _mean_across_ranks(torch.stack([losses["ce_loss"], losses["aux_loss"]]))
             ce, aux = float(reduced[0]), float(reduced[1])
@@ -263,10 +187,7 @@ def run(cfg: RunConfig, config_yaml: str) -> int:
                 raise FloatingPointError(f"loss became {ce} at step {step}; lower optim.lr or check the data")
             first_loss = ce if first_loss is None else first_loss
             last_loss = ce
-            if layout.pp > 1:
-                moe_stats = pipeline_moe_stats_and_bias_update(engine)
-            else:
-                moe_stats = _moe_stats_and_bias_update(engine.module, step)
+            moe_stats = module.post_batch()
             if step % cfg.logging.log_every == 0 or step == end_step or step == start_step + 1:
                 grad_norm = losses["grad_norm"]
                 logger.log_train(
@@ -276,13 +197,13 @@ def run(cfg: RunConfig, config_yaml: str) -> int:
                 )
                 logger.log_extra(step, moe_stats)
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
-                eval_loss = evaluate(engine, cfg, device, dp_rank)
+                eval_loss = evaluate(module, cfg, device)
                 if eval_loss is not None:
                     logger.log_eval(step, eval_loss)
             if step % cfg.train.ckpt_every == 0 or step == end_step:
                 checkpoint()
         if exit_code == 0 and step == cfg.train.steps:
-            eval_loss = evaluate(engine, cfg, device, dp_rank)
+            eval_loss = evaluate(module, cfg, device)
             if eval_loss is not None:
                 logger.log_eval(step, eval_loss)
             logger.summary(

@@ -1,18 +1,14 @@
-"""The parallel layout: how the world's ranks split into tensor (TP), pipeline (PP), data (DP) and expert (EP)
-parallel groups, its validation (before any process group exists) and the process groups themselves.
+"""The parallel layout: sizes of the tensor (TP), pipeline (PP), data (DP) and expert (EP) dimensions, this rank's
+coordinates in them, and their validation. Pure arithmetic: usable before any process group exists (config
+validation, planning); the groups themselves are built by ``train.parallel.groups`` from megatron-core.
 
 Rank order (TP fastest, then DP, then PP; EP cuts each DP group into consecutive blocks)::
 
     rank = (pp_rank * dp + dp_rank) * tp + tp_rank          dp_rank = edp_rank * ep + ep_rank
 
-This is Megatron-LM's default order (tp-dp-pp, EP inside DP), DeepSpeed AutoTP's (dp, tp) mesh when pp == 1,
-DeepSpeed's ``PipeModelDataParallelTopology`` (axes pipe, data, model) and DeepSpeed MoE's expert groups, so every
-library we hand the groups to agrees with this arithmetic.
-
-Why not megatron-core's ``parallel_state.initialize_model_parallel``: it works on gloo (DESIGN 3), but importing
-``megatron.core`` costs ~30 s per process on these CPU machines (measured: 4 ranks, 29-31 s each), which would
-double the launch time of every small run and test; the group arithmetic above is all we use from it, and the
-groups are plain ``torch.distributed.new_group`` calls.
+This is megatron-core's default order (tp-ep-dp-pp with expert_tensor_parallel_size = tp), DeepSpeed's
+``PipeModelDataParallelTopology`` (axes pipe, data, model) and DeepSpeed MoE's expert groups, so every library we
+hand the groups to agrees with this arithmetic.
 """
 
 from __future__ import annotations
@@ -20,11 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch.distributed as dist
-
 from model.config import ConfigError, ModelConfig
 
-ZERO_STAGES_WITH_PP = (0, 1)  # DeepSpeed's PipelineEngine refuses ZeRO 2/3 (DESIGN 3)
+ZERO_STAGES_WITH_PP = (0, 1)  # DeepSpeed's PipelineEngine asserts ZeRO < 2
 ZERO_STAGES_WITH_EP = (0, 1, 2)  # DeepSpeed's MoE support stops at ZeRO-2
 
 
@@ -89,17 +83,6 @@ class Layout:
         """Ranks of one DP group holding the same experts (strided by ``ep``); expert gradients reduce here."""
         return [g[i :: self.ep] for g in self.dp_groups() for i in range(self.ep)]
 
-    @property
-    def pipe_topology(self) -> Any:
-        """DeepSpeed's topology for ``PipelineModule`` (axes pipe, data[, model]), same rank order as ours."""
-        if self.pp == 1:
-            return None
-        from deepspeed.runtime.pipe.topology import PipeDataParallelTopology, PipeModelDataParallelTopology
-
-        if self.tp == 1:
-            return PipeDataParallelTopology(num_pp=self.pp, num_dp=self.dp)
-        return PipeModelDataParallelTopology(num_pp=self.pp, num_mp=self.tp, num_dp=self.dp)
-
 
 def _check(ok: bool, key: str, msg: str) -> None:
     if not ok:
@@ -139,18 +122,6 @@ def validate_layout(parallel: Any, model: ModelConfig, world_size: int) -> Layou
             f"pipeline parallelism (pp={pp}) works with ZeRO stage 0 or 1 only (DeepSpeed's pipeline engine refuses "
             f"stages 2/3); got zero_stage={zero}: use parallel=pp2 (ZeRO-1) or parallel.pp=1",
         )
-        _check(
-            tp == 1,
-            "parallel.tp",
-            f"tp={tp} with pp={pp} is not implemented (DeepSpeed AutoTP is not applied to pipeline stages); "
-            "use either parallel.tp or parallel.pp",
-        )
-        _check(
-            ep == 1,
-            "parallel.ep",
-            f"ep={ep} with pp={pp} is not implemented (expert parallelism is applied to the whole model, not to "
-            "pipeline stages); use either parallel.ep or parallel.pp",
-        )
     if ep > 1:
         moe_layers = sum(model.is_moe_layer(i) for i in range(model.n_layers))
         _check(
@@ -173,47 +144,29 @@ def validate_layout(parallel: Any, model: ModelConfig, world_size: int) -> Layou
         _check(
             zero in ZERO_STAGES_WITH_EP,
             "parallel.zero_stage",
-            f"expert parallelism (ep={ep}) works with ZeRO stages 0-2 (DeepSpeed MoE has no ZeRO-3); got "
-            f"zero_stage={zero}: use parallel.zero_stage=2 or parallel.ep=1",
-        )
-        # TP x EP: AutoTP shards attention/SwiGLU, train.parallel.ep the experts inside each DP group (verified:
-        # tp2 x ep2 on 4 ranks matched ep2 on 2 ranks to 1e-7). With ZeRO-0 the EP clipping hook computes the norm
-        # without the TP shards, so that one combination is refused.
-        _check(
-            tp == 1 or zero >= 1,
-            "parallel.zero_stage",
-            f"tp={tp} with ep={ep} needs ZeRO stage 1 or 2 (DeepSpeed's ZeRO optimizer computes the clipping norm over "
-            "both TP shards and expert shards); got zero_stage=0: use parallel=tp2_ep2 (ZeRO-1)",
+            f"expert parallelism (ep={ep}) works with ZeRO stages 0-2 (DeepSpeed's ZeRO-3 does not partition expert "
+            f"groups: docs/parallelism.md); got zero_stage={zero}: use parallel.zero_stage=2 or parallel.ep=1",
         )
     return Layout(world=world_size, dp=dp, tp=tp, pp=pp, ep=ep, rank=0)
 
 
 def _check_tensor_parallel(model: ModelConfig, tp: int) -> None:
-    """What AutoTP shards must split evenly: q/k/v/o by heads, the SwiGLU hidden dim, the LM head by vocab."""
+    """What tensor parallelism splits must split evenly: heads, the SwiGLU and expert hidden dims, the Mamba
+    channels, and the vocabulary (embedding and LM head)."""
+    def divisible(key: str, value: int, what: str) -> None:
+        _check(value % tp == 0, "parallel.tp",
+               f"model.{key}={value} is not divisible by tp={tp}: {what}; use a tp that divides {value}")
+
+    divisible("n_heads", model.n_heads, "attention is split by heads")
+    divisible("n_kv_heads", model.n_kv_heads, "each rank needs whole key/value heads")
+    divisible("ffn_hidden", model.ffn_hidden, "the SwiGLU (and expert) hidden dimension is split")
+    if model.family == "hybrid":
+        divisible("mamba_d_inner", model.mamba_d_inner, "Mamba channels (mamba_expand * d_model) are split")
     _check(
-        model.n_heads % tp == 0,
+        model.vocab_size % tp == 0,
         "parallel.tp",
-        f"model.n_heads={model.n_heads} is not divisible by tp={tp}: attention is split by heads; "
-        f"use a tp that divides {model.n_heads}",
-    )
-    _check(
-        model.n_kv_heads % tp == 0,
-        "parallel.tp",
-        f"model.n_kv_heads={model.n_kv_heads} is not divisible by tp={tp}: each rank needs whole key/value "
-        f"heads; use a tp that divides {model.n_kv_heads}",
-    )
-    has_dense_ffn = any(not model.is_moe_layer(i) for i in range(model.n_layers))
-    _check(
-        not has_dense_ffn or model.ffn_hidden % tp == 0,
-        "parallel.tp",
-        f"model.ffn_hidden={model.ffn_hidden} is not divisible by tp={tp}: the SwiGLU hidden dimension is split; "
-        "use a tp that divides it",
-    )
-    _check(
-        model.tie_embeddings or model.vocab_size % tp == 0,
-        "parallel.tp",
-        f"model.vocab_size={model.vocab_size} is not divisible by tp={tp}: the LM head is split by vocabulary; "
-        f"pad model.vocab_size to a multiple of {tp}",
+        f"model.vocab_size={model.vocab_size} is not divisible by tp={tp}: the embedding and LM head are split by "
+        f"vocabulary; pad model.vocab_size to a multiple of {tp}",
     )
 
 
@@ -223,75 +176,3 @@ def make_layout(parallel: Any, model: ModelConfig, world_size: int, rank: int) -
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside the world of {world_size} ranks")
     return Layout(world=base.world, dp=base.dp, tp=base.tp, pp=base.pp, ep=base.ep, rank=rank)
-
-
-@dataclass
-class ParallelGroups:
-    """This rank's process groups, and DeepSpeed's ``mpu`` interface over them.
-
-    ``get_data_parallel_world_size`` is what DeepSpeed uses to turn the global batch into per-rank batches, so
-    passing this object as ``mpu`` makes ``train_batch_size = micro * grad_accum * dp`` hold under TP/PP.
-    """
-
-    layout: Layout
-    tp_group: Any = None
-    dp_group: Any = None
-    pp_group: Any = None
-
-    # DeepSpeed mpu interface ---------------------------------------------------------------------------
-    def get_data_parallel_world_size(self) -> int:
-        return self.layout.dp
-
-    def get_data_parallel_rank(self) -> int:
-        return self.layout.dp_rank
-
-    def get_data_parallel_group(self) -> Any:
-        return self.dp_group
-
-    def get_tensor_model_parallel_world_size(self) -> int:
-        return self.layout.tp
-
-    def get_tensor_model_parallel_rank(self) -> int:
-        return self.layout.tp_rank
-
-    def get_tensor_model_parallel_group(self) -> Any:
-        return self.tp_group
-
-    def get_tensor_model_parallel_src_rank(self) -> int:
-        return self.layout.global_rank(self.layout.pp_rank, self.layout.dp_rank, 0)
-
-    get_model_parallel_world_size = get_tensor_model_parallel_world_size
-    get_model_parallel_rank = get_tensor_model_parallel_rank
-    get_model_parallel_group = get_tensor_model_parallel_group
-
-    def get_pipeline_model_parallel_world_size(self) -> int:
-        return self.layout.pp
-
-    def get_pipeline_model_parallel_rank(self) -> int:
-        return self.layout.pp_rank
-
-    def get_pipeline_model_parallel_group(self) -> Any:
-        return self.pp_group
-
-
-def init_groups(layout: Layout) -> ParallelGroups:
-    """Creates this rank's TP/DP/PP groups (collective: every rank calls it, after the default group exists).
-
-    ``new_group`` is collective over the whole world, so every rank creates every group in the same order and
-    keeps the ones it belongs to. Expert groups are created by ``train.parallel.ep`` from ``layout.dp_groups()``.
-    """
-    if not dist.is_initialized():
-        raise RuntimeError("init_groups needs torch.distributed to be initialised (call train.engine.init_distributed)")
-    if dist.get_world_size() != layout.world or dist.get_rank() != layout.rank:
-        raise RuntimeError(
-            f"layout is for rank {layout.rank} of {layout.world}, this process is rank {dist.get_rank()} "
-            f"of {dist.get_world_size()}"
-        )
-    groups = ParallelGroups(layout)
-    for attr, all_groups in (("tp_group", layout.tp_groups()), ("dp_group", layout.dp_groups()),
-                             ("pp_group", layout.pp_groups())):
-        for ranks in all_groups:
-            group = dist.group.WORLD if len(ranks) == layout.world else dist.new_group(ranks)
-            if layout.rank in ranks:
-                setattr(groups, attr, group)
-    return groups

@@ -38,7 +38,6 @@ of the whole gradient when ranks hold different experts; there `train.engine` tu
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,61 +47,8 @@ from torch import Tensor, nn
 
 from model.config import ConfigError
 from model.moe import MoE
-
-
-def expert_group_name(ep: int) -> str:
-    """DeepSpeed's name for the EP/EDP groups of size ``ep`` (`deepspeed.moe.layer.MoE` uses the same)."""
-    return f"ep_size_{ep}"
-
-
-# ----------------------------------------------------------------------------------------------- groups
-@dataclass
-class ExpertGroups:
-    ep: int
-    name: str
-    ep_group: Any  # torch ProcessGroup: the ranks exchanging tokens
-    ep_rank: int
-    ep_ranks: list[int]
-    edp_group: Any  # ranks holding the same experts: expert gradients are reduced here
-    edp_ranks: list[int]
-
-
-def create_expert_groups(ep: int, dp_groups: list[list[int]] | None = None) -> ExpertGroups:
-    """Collective. Creates the EP and EDP groups and registers them with DeepSpeed under `expert_group_name(ep)`.
-
-    ``dp_groups``: every data-parallel group as global ranks in DP-rank order (default: one group, all ranks).
-    EP groups are consecutive DP ranks, EDP groups strided by ``ep`` (DeepSpeed's default E+D layout).
-    """
-    world, rank = dist.get_world_size(), dist.get_rank()
-    dp_groups = dp_groups or [list(range(world))]
-    name = expert_group_name(ep)
-    mine: dict[str, Any] = {}
-    for dp in dp_groups:  # every rank creates every group, in the same order (new_group is collective)
-        if len(dp) % ep != 0:
-            raise ConfigError("parallel.ep", f"ep={ep} must divide the data-parallel size {len(dp)}")
-        for start in range(0, len(dp), ep):
-            ranks = dp[start:start + ep]
-            group = dist.new_group(ranks)
-            if rank in ranks:
-                mine["ep"] = (group, ranks)
-        for pos in range(ep):
-            ranks = dp[pos::ep]
-            group = dist.new_group(ranks)
-            if rank in ranks:
-                mine["edp"] = (group, ranks)
-    if "ep" not in mine:
-        raise RuntimeError(f"rank {rank} is in none of the data-parallel groups {dp_groups}")
-    from deepspeed.utils import groups as ds_groups
-
-    # DeepSpeed keeps its EP/EDP groups in module dicts keyed by name (filled by `deepspeed.moe.layer.MoE`
-    # through `_create_expert_and_data_parallel`, which only knows its own rank orders): register ours.
-    ds_groups._EXPERT_PARALLEL_GROUP[name], ds_groups._EXPERT_PARALLEL_GROUP_RANKS[name] = mine["ep"]
-    ds_groups._EXPERT_DATA_PARALLEL_GROUP[name], ds_groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name] = mine["edp"]
-    ep_group, ep_ranks = mine["ep"]
-    return ExpertGroups(
-        ep=ep, name=name, ep_group=ep_group, ep_rank=ep_ranks.index(rank), ep_ranks=list(ep_ranks),
-        edp_group=mine["edp"][0], edp_ranks=list(mine["edp"][1]),
-    )
+from train.parallel.groups import ParallelGroups, expert_group_name
+from train.parallel.shard import mark_shard
 
 
 # --------------------------------------------------------------------------------------- all-to-all
@@ -162,9 +108,9 @@ class ExpertParallelMoE(MoE):
         return all_to_all(out[inverse], in_splits, out_splits, self.ep_group)
 
 
-def shard_moe(moe: MoE, groups: ExpertGroups) -> ExpertParallelMoE:
+def shard_moe(moe: MoE, groups: ParallelGroups) -> ExpertParallelMoE:
     """Keeps this EP rank's experts of ``moe`` (in place) and marks them as DeepSpeed expert parameters."""
-    ep, rank = groups.ep, groups.ep_rank
+    ep, rank = groups.layout.ep, groups.layout.ep_rank
     if moe.num_experts % ep != 0:
         raise ConfigError("parallel.ep", f"ep={ep} must divide model.num_experts={moe.num_experts}")
     local = moe.num_experts // ep
@@ -173,8 +119,9 @@ def shard_moe(moe: MoE, groups: ExpertGroups) -> ExpertParallelMoE:
         if full.shape[0] != moe.num_experts:
             raise RuntimeError(f"{name} has {full.shape[0]} experts, expected {moe.num_experts}: sharded twice?")
         shard = nn.Parameter(full.detach()[rank * local:(rank + 1) * local].clone(), requires_grad=full.requires_grad)
+        mark_shard(shard, full, 0, rank, ep)
         shard.allreduce = False  # DeepSpeed: reduce over the expert-data-parallel group, not all DP ranks
-        shard.group_name = groups.name
+        shard.group_name = expert_group_name(ep)
         setattr(moe, name, shard)
     moe.__class__ = ExpertParallelMoE
     moe.ep_size, moe.ep_rank, moe.ep_group, moe.num_local_experts = ep, rank, groups.ep_group, local
@@ -211,21 +158,20 @@ def _deepspeed_marker_class() -> type[nn.Module]:
 MARKER_NAME = "deepspeed_moe_marker"
 
 
-def apply_expert_parallel(model: nn.Module, ep: int, dp_groups: list[list[int]] | None = None) -> ExpertGroups | None:
-    """Collective. Shards the experts of every `MoE` of ``model`` over EP groups of size ``ep``; no-op for ep=1.
+def apply_expert_parallel(model: nn.Module, groups: ParallelGroups) -> None:
+    """Shards the experts of every `MoE` of ``model`` over the expert-parallel group; no-op for ep=1.
 
-    Call after building the model (same seed on every rank) and before `train.engine.build_engine`.
+    Call after building the model (same weights on every rank) and before the DeepSpeed engine is built.
     """
+    ep = groups.layout.ep
     if ep == 1:
-        return None
+        return
     moes = [m for m in model.modules() if isinstance(m, MoE)]
     if not moes:
         raise ConfigError("parallel.ep", f"ep={ep} needs a model with MoE layers; use parallel.ep=1")
-    groups = create_expert_groups(ep, dp_groups)
     for moe in moes:
         shard_moe(moe, groups)
     model.add_module(MARKER_NAME, _deepspeed_marker_class()(moes[0].num_experts, ep))
-    return groups
 
 
 def is_expert_param(p: Tensor) -> bool:
@@ -241,54 +187,6 @@ def expert_param_groups(param_groups: list[dict[str, Any]]) -> list[dict[str, An
 
     named = [{"name": g.get("name", f"group{i}"), **g} for i, g in enumerate(param_groups)]
     return split_params_into_different_moe_groups_for_optimizer(named)
-
-
-# ------------------------------------------------------------------------------------ gradient norm
-def _ep_group_of(model: nn.Module) -> Any | None:
-    for m in model.modules():
-        if isinstance(m, ExpertParallelMoE):
-            return m.ep_group
-    return None
-
-
-def grad_norm(model: nn.Module) -> Tensor:
-    """L2 norm of the full (global) gradient after DeepSpeed's reduction, expert shards of all EP ranks included.
-
-    Dense gradients are identical on every rank; each EP rank adds the squares of its own experts' gradients.
-    """
-    dense = [p.grad for p in model.parameters() if p.grad is not None and not is_expert_param(p)]
-    expert = [p.grad for p in model.parameters() if p.grad is not None and is_expert_param(p)]
-    sq = torch.zeros((), dtype=torch.float32, device=(dense or expert)[0].device)
-    for g in dense:
-        sq += g.float().square().sum()
-    ep_group = _ep_group_of(model)
-    if ep_group is not None:
-        expert_sq = torch.zeros_like(sq)
-        for g in expert:
-            expert_sq += g.float().square().sum()
-        dist.all_reduce(expert_sq, group=ep_group)
-        sq += expert_sq
-    return sq.sqrt()
-
-
-def install_global_grad_clipping(optimizer: torch.optim.Optimizer, model: nn.Module, max_norm: float) -> None:
-    """ZeRO-0 with EP: DeepSpeed's fp32 clipping averages each rank's norm (each rank sees other experts), which
-    is not the global norm; build the engine with gradient_clipping=0 and clip here, right before the update."""
-
-    def clip(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        norm = grad_norm(model)
-        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        for p in model.parameters():
-            if p.grad is not None:
-                p.grad.mul_(coef.to(p.grad.dtype))
-
-    optimizer.register_step_pre_hook(clip)
-
-
-def own_clipping(model: nn.Module, zero_stage: int, precision: str) -> bool:
-    """Whether `install_global_grad_clipping` must replace DeepSpeed's clipping: EP model, fp32 ZeRO-0 (DeepSpeed's
-    ZeRO-1/2 and bf16 optimizers sum the expert norms over the EP group themselves)."""
-    return zero_stage == 0 and precision == "fp32" and _ep_group_of(model) is not None
 
 
 # -------------------------------------------------------------------------------------- checkpoints

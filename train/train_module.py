@@ -1,0 +1,240 @@
+"""How a global batch becomes an optimizer step, behind one interface for every parallel layout.
+
+``build_train_module`` is the only place that knows the layout: it builds the single-device model, applies
+expert and tensor parallelism from outside (``train.parallel``), and wraps the result in a DeepSpeed engine, or
+in DeepSpeed's pipeline engine when the layout has pipeline stages. The training loop and the checkpoint code use
+the ``TrainModule`` methods only.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from model.transformer import Transformer
+from train.config import RunConfig
+from train.engine import build_optimizer, build_scheduler, deepspeed_config
+from train.parallel.dims import Layout
+from train.parallel.ep import apply_expert_parallel
+from train.parallel.grad import install_clipping
+from train.parallel.groups import ParallelGroups
+
+
+def build_model(cfg: RunConfig) -> Transformer:
+    """Same seed on every rank, so every rank starts from the single-device model's weights."""
+    torch.manual_seed(cfg.train.seed)
+    return Transformer(cfg.model)
+
+
+class TrainModule(ABC):
+    """A model under some parallel layout, its optimizer and lr schedule, stepped one global batch at a time.
+
+    Batches are this data-parallel rank's slice of the global batch, ``[micro_batches, micro_bs, seq_len + 1]``.
+    """
+
+    engine: Any
+    layout: Layout
+    groups: ParallelGroups
+
+    @abstractmethod
+    def train_batch(self, batch: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        """One optimizer step. ``ce_loss`` and ``aux_loss``: means over this rank's micro-batches (the trainer
+        averages them over ranks); ``grad_norm``: the global norm before clipping (None if unknown)."""
+
+    @abstractmethod
+    def eval_batch(self, batch: torch.Tensor) -> torch.Tensor:
+        """Mean next-token loss over the micro-batches (no step); its mean over all ranks is the global mean."""
+
+    @abstractmethod
+    def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """(single-device model name, this rank's local tensor) for every parameter held here."""
+
+    @abstractmethod
+    def named_buffers(self) -> list[tuple[str, torch.Tensor]]:
+        """(single-device model name, buffer) for every persistent buffer held here."""
+
+    @abstractmethod
+    def moe_layers(self) -> list[tuple[int, nn.Module]]:
+        """(MoE layer ordinal in the whole model, module) for the MoE layers held here."""
+
+    def lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+    def post_batch(self) -> dict[str, float]:
+        """After a step: per-layer expert load (averaged over the step's micro-batches and the data-parallel
+        group) and the aux-loss-free bias update. Collective; every rank returns every layer's statistics."""
+        stats: dict[str, float] = {}
+        for ordinal, moe in self.moe_layers():
+            load = moe.pop_step_load()
+            if load is None:
+                continue
+            load = load.float().clone()
+            if self.layout.dp > 1:
+                dist.all_reduce(load, group=self.groups.dp_group)
+                load /= self.layout.dp
+            moe.update_bias(load)  # the same global load on every rank: the biases stay in sync
+            mean = load.mean().clamp_min(1e-12)
+            stats[f"moe/layer{ordinal}/max_over_mean_load"] = float(load.max() / mean)
+            for e, frac in enumerate(load.tolist()):
+                stats[f"moe/layer{ordinal}/load_e{e}"] = frac
+        if self.layout.pp > 1:  # each stage holds its own layers: collect them all
+            parts: list[dict[str, float] | None] = [None] * self.layout.world
+            dist.all_gather_object(parts, stats)
+            for part in parts:
+                stats.update(part or {})
+        return stats
+
+    def save_engine_state(self, path: Path, tag: str, step: int) -> None:
+        """DeepSpeed's own files (bound to this layout; bit-exact resume)."""
+        self.engine.save_checkpoint(str(path), tag=tag, client_state={"step": step}, save_latest=False)
+
+    def load_engine_state(self, path: Path, tag: str) -> bool:
+        load_path, _ = self.engine.load_checkpoint(
+            str(path), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        return load_path is not None
+
+    def train(self, mode: bool = True) -> None:
+        self.engine.train(mode)
+
+
+class _NormRecorder:
+    """Holds the norm computed by ``train.parallel.grad.install_clipping`` for the step's metrics."""
+
+    def __init__(self) -> None:
+        self.value: torch.Tensor | None = None
+
+    def __call__(self, norm: torch.Tensor) -> None:
+        self.value = norm.detach()
+
+
+def _step_norm(engine: Any, recorder: _NormRecorder) -> torch.Tensor | None:
+    if recorder.value is not None:
+        return recorder.value
+    norm = engine.get_global_grad_norm()
+    return None if norm is None else torch.tensor(float(norm))
+
+
+def _initialize(module: nn.Module, cfg: RunConfig, groups: ParallelGroups, precision: str, mpu: Any,
+                extra_config: dict[str, Any]) -> tuple[Any, _NormRecorder]:
+    """deepspeed.initialize with torch AdamW (expert parameters in DeepSpeed's MoE groups) and our schedule.
+    fp32 ZeRO-0 clips with train.parallel.grad (DeepSpeed's averages per-rank norms there)."""
+    import deepspeed
+
+    optimizer = build_optimizer(module, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg)
+    ds_config = deepspeed_config(cfg, precision) | extra_config
+    recorder = _NormRecorder()
+    if cfg.parallel.zero_stage == 0 and precision == "fp32":
+        ds_config["gradient_clipping"] = 0.0
+        install_clipping(optimizer, module, groups, cfg.train.grad_clip, recorder)
+    engine, _, _, _ = deepspeed.initialize(
+        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=mpu, dist_init_required=False
+    )
+    return engine, recorder
+
+
+class DeepSpeedTrainModule(TrainModule):
+    """The whole model on every rank of a data-parallel group (its parameters possibly TP/EP-sharded)."""
+
+    def __init__(self, model: Transformer, cfg: RunConfig, groups: ParallelGroups, precision: str,
+                 device: torch.device, extra_config: dict[str, Any]) -> None:
+        self.layout, self.groups, self.device = groups.layout, groups, device
+        mpu = groups if self.layout.tp > 1 else None
+        self.engine, self._norm = _initialize(model, cfg, groups, precision, mpu, extra_config)
+
+    def train_batch(self, batch: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        self._norm.value = None
+        ce_sum = torch.zeros((), device=self.device)
+        aux_sum = torch.zeros((), device=self.device)
+        for micro in batch:
+            micro = micro.to(self.device, non_blocking=True)
+            out = self.engine(micro[:, :-1], labels=micro[:, 1:])
+            self.engine.backward(out.loss)
+            self.engine.step()  # DeepSpeed accumulates and steps the optimizer at the last micro-batch
+            ce_sum += out.ce_loss.detach().float()
+            aux_sum += out.aux_loss.detach().float()
+        n = batch.shape[0]
+        return {"ce_loss": ce_sum / n, "aux_loss": aux_sum / n, "grad_norm": _step_norm(self.engine, self._norm)}
+
+    @torch.no_grad()
+    def eval_batch(self, batch: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros((), device=self.device)
+        for micro in batch:
+            micro = micro.to(self.device)
+            total += self.engine(micro[:, :-1], labels=micro[:, 1:]).ce_loss.float()
+        return total / batch.shape[0]
+
+    def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return list(self.engine.module.named_parameters())
+
+    def named_buffers(self) -> list[tuple[str, torch.Tensor]]:
+        return list(self.engine.module.named_buffers())
+
+    def moe_layers(self) -> list[tuple[int, nn.Module]]:
+        return list(enumerate(self.engine.module.moe_layers()))
+
+
+class PipelineTrainModule(TrainModule):
+    """DeepSpeed's pipeline engine (1F1B) over the model's layers, split into ``layout.pp`` stages."""
+
+    def __init__(self, model: Transformer, cfg: RunConfig, groups: ParallelGroups, precision: str,
+                 device: torch.device, extra_config: dict[str, Any]) -> None:
+        from train.parallel.pp import build_pipeline_module
+
+        self.layout, self.groups, self.device = groups.layout, groups, device
+        pipe = build_pipeline_module(model, groups, cfg.parallel.pp_partition)
+        self.engine, self._norm = _initialize(pipe, cfg, groups, precision, None, extra_config)
+
+    @staticmethod
+    def _micro_batches(batch: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        # DeepSpeed feeds the first element to the first stage and the second (labels) to the last.
+        for micro in batch:
+            yield micro[:, :-1], micro[:, 1:]
+
+    def train_batch(self, batch: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        if batch.shape[0] != self.engine.micro_batches:
+            raise ValueError(f"batch has {batch.shape[0]} micro-batches, the pipeline expects {self.engine.micro_batches}")
+        self._norm.value = None
+        self.engine.train_batch(data_iter=self._micro_batches(batch))
+        # Averaged over micro-batches and data-parallel ranks on the last stage, broadcast along the pipeline.
+        losses = self.engine.agg_additional_losses
+        return {"ce_loss": losses["ce_loss"].float(), "aux_loss": losses["aux_loss"].float(),
+                "grad_norm": _step_norm(self.engine, self._norm)}
+
+    @torch.no_grad()
+    def eval_batch(self, batch: torch.Tensor) -> torch.Tensor:
+        loss = self.engine.eval_batch(data_iter=self._micro_batches(batch), num_micro_batches=batch.shape[0])
+        self.engine.module.train()
+        return loss.float().reshape(())  # averaged over the data-parallel ranks already
+
+    def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return self.engine.module.model_named_parameters()
+
+    def named_buffers(self) -> list[tuple[str, torch.Tensor]]:
+        return self.engine.module.model_named_buffers()
+
+    def moe_layers(self) -> list[tuple[int, nn.Module]]:
+        return self.engine.module.local_moe_layers()
+
+
+def build_train_module(cfg: RunConfig, groups: ParallelGroups, precision: str, device: torch.device,
+                       load_universal: bool = False) -> TrainModule:
+    """The single-device model with this layout's parallelism applied, in the engine that steps it.
+    ``load_universal``: the run will resume a DeepSpeed universal checkpoint (DeepSpeed reads it from its config)."""
+    layout = groups.layout
+    model = build_model(cfg)
+    apply_expert_parallel(model, groups)
+    extra: dict[str, Any] = {"checkpoint": {"load_universal": True}} if load_universal else {}
+    if layout.tp > 1:
+        from train.parallel.autotp import autotp_config
+
+        extra["tensor_parallel"] = autotp_config(cfg.model, layout.tp)
+    cls = PipelineTrainModule if layout.pp > 1 else DeepSpeedTrainModule
+    return cls(model, cfg, groups, precision, device, extra)
