@@ -35,13 +35,14 @@ def _warm_up() -> None:
     import torch._dynamo  # noqa: F401
 
     import train.__main__
-    import train.parallel.autotp
     import train.parallel.pp
-    import train.trainer  # noqa: F401
+    import train.trainer
 
     try:  # what layouts with tp, pp or ep > 1 import: megatron-core's groups and layers
         import megatron.core.parallel_state
         import megatron.core.tensor_parallel  # noqa: F401
+
+        import train.parallel.tp  # noqa: F401
     except ImportError:
         pass
 

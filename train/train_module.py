@@ -189,7 +189,8 @@ class PipelineTrainModule(TrainModule):
         from train.parallel.pp import build_pipeline_module
 
         self.layout, self.groups, self.device = groups.layout, groups, device
-        pipe = build_pipeline_module(model, groups, cfg.parallel.pp_partition)
+        seq_shards = self.layout.tp if cfg.parallel.sp else 1
+        pipe = build_pipeline_module(model, groups, cfg.parallel.pp_partition, seq_shards)
         self.engine, self._norm = _initialize(pipe, cfg, groups, precision, None, extra_config)
 
     @staticmethod
@@ -226,15 +227,21 @@ class PipelineTrainModule(TrainModule):
 
 def build_train_module(cfg: RunConfig, groups: ParallelGroups, precision: str, device: torch.device,
                        load_universal: bool = False) -> TrainModule:
-    """The single-device model with this layout's parallelism applied, in the engine that steps it.
-    ``load_universal``: the run will resume a DeepSpeed universal checkpoint (DeepSpeed reads it from its config)."""
+    """The single-device model with this layout's parallelism applied (experts split over the EP group, then
+    everything over the TP group), in the engine that steps it. ``load_universal``: the run will resume a
+    DeepSpeed universal checkpoint (DeepSpeed reads it from its config)."""
     layout = groups.layout
     model = build_model(cfg)
     apply_expert_parallel(model, groups)
-    extra: dict[str, Any] = {"checkpoint": {"load_universal": True}} if load_universal else {}
     if layout.tp > 1:
-        from train.parallel.autotp import autotp_config
+        from train.parallel.tp import apply_tensor_parallel
 
-        extra["tensor_parallel"] = autotp_config(cfg.model, layout.tp)
-    cls = PipelineTrainModule if layout.pp > 1 else DeepSpeedTrainModule
-    return cls(model, cfg, groups, precision, device, extra)
+        apply_tensor_parallel(model, groups.tp_group, layout.tp_rank, layout.tp, cfg.parallel.sp)
+    extra: dict[str, Any] = {"checkpoint": {"load_universal": True}} if load_universal else {}
+    if layout.pp > 1:
+        # DeepSpeed's partitioned sends (1/tp of a stage's output from each TP rank, all-gathered on arrival)
+        # assume the TP ranks hold the same activations, which sequence parallelism breaks, and a stage output
+        # of one tensor (ours also carries the running MoE aux loss).
+        extra["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
+        return PipelineTrainModule(model, cfg, groups, precision, device, extra)
+    return DeepSpeedTrainModule(model, cfg, groups, precision, device, extra)

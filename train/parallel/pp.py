@@ -23,7 +23,6 @@ from collections import OrderedDict
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from model.config import ConfigError, ModelConfig
@@ -42,11 +41,16 @@ def _rope(cfg: ModelConfig, seq_len: int, device: torch.device) -> tuple[torch.T
 
 
 class EmbeddingStage(nn.Module):
-    """tokens [B, T] -> (hidden [B, T, D], aux [1]); holds the model's ``embed`` under the same name."""
+    """tokens [B, T] -> (hidden [B, T, D], aux [1]); holds the model's ``embed`` under the same name.
 
-    def __init__(self, embed: nn.Embedding):
+    ``head``: with tied embeddings, the model's LM head, whose weight is ``embed.weight`` (kept unregistered: its
+    one parameter is the embedding's); the tied last stage calls it, so a tensor-parallel head keeps its
+    communication."""
+
+    def __init__(self, embed: nn.Embedding, head: nn.Module | None = None):
         super().__init__()
         self.embed = embed
+        object.__setattr__(self, "head", head)
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.embed(tokens)
@@ -101,7 +105,7 @@ class NormStage(nn.Module):
 
 def _tied_head_forward(embedding: EmbeddingStage, inputs: tuple[torch.Tensor, torch.Tensor]):
     h, aux = inputs
-    return F.linear(h, embedding.embed.weight), aux
+    return embedding.head(h), aux
 
 
 def layer_prefix(layer_idx: int, cfg: ModelConfig) -> str | None:
@@ -209,7 +213,9 @@ def layer_specs(model: Transformer, seq_shards: int = 1) -> list:
 
     cfg = model.cfg
     if cfg.tie_embeddings:
-        specs: list = [TiedLayerSpec("embed", EmbeddingStage, model.embed, tied_weight_attr=["embed.weight"])]
+        specs: list = [
+            TiedLayerSpec("embed", EmbeddingStage, model.embed, model.lm_head, tied_weight_attr=["embed.weight"])
+        ]
     else:
         specs = [LayerSpec(EmbeddingStage, model.embed)]
     specs += [LayerSpec(BlockStage, block, cfg, seq_shards) for block in model.layers]
@@ -217,7 +223,8 @@ def layer_specs(model: Transformer, seq_shards: int = 1) -> list:
         specs += [
             LayerSpec(NormStage, model.norm),
             TiedLayerSpec(
-                "embed", EmbeddingStage, model.embed, forward_fn=_tied_head_forward, tied_weight_attr=["embed.weight"]
+                "embed", EmbeddingStage, model.embed, model.lm_head, forward_fn=_tied_head_forward,
+                tied_weight_attr=["embed.weight"],
             ),
         ]
     else:

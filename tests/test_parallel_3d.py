@@ -1,0 +1,76 @@
+"""Layouts composed from tensor (megatron-core layers, sequence parallel), pipeline (DeepSpeed 1F1B), data (ZeRO)
+and expert parallelism, against one process on the same micro-batches: the real trainer's losses over 8 steps,
+and every gradient of the first step gathered from the ranks' pieces."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.forklaunch import fork_call
+from tests.parallel_check import assemble, assert_gradients_match, step_one_gradients
+from tests.reference import micro_batch_reference
+from tests.utils import REPO, TINY, child_env, read_metrics, run_train
+
+STEPS = 8
+REL_TOL = 1e-5
+BASE = [*TINY, f"train.steps={STEPS}", "train.ckpt_every=4", "train.keep_last=3", "train.global_batch_size=8",
+        "train.micro_batch_size=2"]
+
+# (id, model, ranks, parallel overrides)
+LAYOUTS = [
+    ("dense-tp2-pp2", "dense_tiny", 4, ["parallel=pp2", "parallel.tp=2"]),
+    ("moe-tp2-pp2", "moe_tiny", 4, ["parallel=pp2", "parallel.tp=2"]),
+    ("hybrid-tp2-pp2", "hybrid_tiny", 4, ["parallel=pp2", "parallel.tp=2"]),
+    ("dense-tp2-pp2-dp2", "dense_tiny", 8, ["parallel=pp2", "parallel.tp=2"]),
+    ("moe-pp2-ep2", "moe_tiny", 4, ["parallel=pp2", "parallel.ep=2"]),
+    ("moe-tp2-pp2-ep2", "moe_tiny", 8, ["parallel=pp2", "parallel.tp=2", "parallel.ep=2"]),
+    ("moe-tp2-ep2-zero2", "moe_tiny", 4, ["parallel=tp2_ep2", "parallel.zero_stage=2"]),
+    ("hybrid-tp2-ep2-zero2", "hybrid_tiny", 4, ["parallel=tp2_ep2", "parallel.zero_stage=2"]),
+    ("dense-tp2-sp", "dense_tiny", 2, ["parallel=tp2", "parallel.zero_stage=1"]),
+    ("hybrid-tp2-sp", "hybrid_tiny", 2, ["parallel=tp2", "parallel.zero_stage=1"]),
+    ("dense-tp2-pp2-nosp", "dense_tiny", 4, ["parallel=pp2", "parallel.tp=2", "parallel.sequence_parallel=false"]),
+]
+
+_REFERENCES: dict[str, tuple] = {}
+
+
+def reference(model: str) -> tuple:
+    if model not in _REFERENCES:
+        _REFERENCES[model] = micro_batch_reference([*BASE, f"model={model}"], STEPS)
+    return _REFERENCES[model]
+
+
+def assert_losses_match(run_dir: Path, want: list[dict[str, float]]) -> None:
+    rows = {r["step"]: r for r in read_metrics(run_dir) if "ce_loss" in r}
+    assert sorted(rows) == list(range(1, STEPS + 1)), sorted(rows)
+    for step, ref in enumerate(want, start=1):
+        for key in ("loss", "ce_loss"):
+            assert abs(rows[step][key] - ref[key]) <= REL_TOL * abs(ref[key]), (step, key, rows[step][key], ref[key])
+        assert abs(rows[step]["aux_loss"] - ref["aux_loss"]) <= REL_TOL * abs(ref["loss"]), (step, rows[step])
+    assert want[0]["grad_norm"] > 1.0  # clipping is active, so the global norm over all pieces matters
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", LAYOUTS, ids=[c[0] for c in LAYOUTS])
+def test_layout_matches_single_process(case, sample_data, tmp_path):
+    _, model, ranks, parallel = case
+    overrides = [*BASE, f"model={model}", *parallel]
+    want, want_grads = reference(model)
+
+    fork_call(step_one_gradients, (overrides, str(tmp_path)), ranks, child_env())
+    assert_gradients_match(assemble(tmp_path), want_grads)
+
+    run_dir = tmp_path / "run"
+    proc = run_train([*overrides, "train.ckpt_every=100", f"run_dir={run_dir}"], nproc=ranks)
+    assert f"world {ranks}" in proc.stdout
+    assert_losses_match(run_dir, want)
+
+
+def test_loop_and_checkpoint_code_never_ask_for_the_layout():
+    pattern = re.compile(r"pipeline|Pipeline|\.pp\b|is_pipeline")
+    for path in ("train/trainer.py", "train/checkpoint.py"):
+        hits = [line for line in (REPO / path).read_text().splitlines() if pattern.search(line)]
+        assert not hits, (path, hits)
