@@ -58,7 +58,7 @@ train: data
 	$(VENV)/bin/torchrun --standalone --nproc_per_node 2 -m train $(TRAIN_ARGS) train.resume=auto
 
 test: data
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q --durations=15 tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

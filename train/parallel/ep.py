@@ -19,20 +19,17 @@ before dispatch (the Mixtral / Megatron convention), which is what `MoE.forward`
 EP matches a one-rank run with the same micro-batch size and gradient accumulation exactly: the same micro-batches
 give the same per-micro-batch statistics, and the capacity factor (when set) is also per micro-batch.
 
-DeepSpeed integration (0.19): expert parameters carry ``allreduce = False`` and ``group_name = "ep_size_{ep}"``
-and the optimizer's param groups are split with `split_params_into_different_moe_groups_for_optimizer`; the EP
-and EDP groups are registered in `deepspeed.utils.groups` under that name. DeepSpeed only switches its MoE code
-paths on (expert-group gradient reduction, ZeRO-1/2 partitioning of expert groups over the EDP group, per-EP-rank
-optimizer files) when the model contains an instance of `deepspeed.moe.layer.MoE`; a parameter-free marker of
-that class is attached to the model for this. Its ``num_local_experts`` is 0, so DeepSpeed writes no expert files
-of its own (its format expects its own `Experts` modules): `save_expert_shards` / `load_expert_shards` store each
-EP rank's expert weights next to DeepSpeed's files. ZeRO-3 (DeepSpeed's native MoE refuses it), and TP or PP together
-with EP, are refused by `train.parallel.validate_layout` when the config is built.
+Groups: megatron-core's expert-parallel and expert-data-parallel groups (``train.parallel.groups``), per pipeline
+stage and per tensor-parallel rank; under tensor parallelism every expert is further split over the TP group
+(``train.parallel.tp``, Megatron's expert tensor parallelism), applied after this.
 
-Gradient clipping: DeepSpeed's ZeRO-1/2 and bf16 optimizers sum expert-gradient norms over the EP group, but its
-fp32 ZeRO-0 path averages each rank's local norm (`deepspeed.runtime.utils.clip_grad_norm_`), which is not the norm
-of the whole gradient when ranks hold different experts; there `train.engine` turns DeepSpeed's clipping off and
-`install_global_grad_clipping` clips with `grad_norm` (dense part once + expert parts summed over the EP group).
+DeepSpeed integration (0.19): expert parameters carry ``allreduce = False`` and ``group_name = "ep_size_{ep}"``
+and the optimizer's param groups are split with `split_params_into_different_moe_groups_for_optimizer`; the groups
+are registered in `deepspeed.utils.groups` under that name. DeepSpeed only switches its MoE code paths on
+(expert-group gradient reduction, ZeRO-1/2 partitioning of expert groups over the EDP group) when the model contains
+an instance of `deepspeed.moe.layer.MoE`; a parameter-free marker of that class is attached to the model for this
+(its ``num_local_experts`` is 0: DeepSpeed writes no expert files of its own). DeepSpeed refuses that class under
+ZeRO-3 (docs/ep_zero3.md), so EP with ZeRO-3 is refused when the config is built.
 """
 
 from __future__ import annotations
