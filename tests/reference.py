@@ -22,11 +22,13 @@ def run_config(overrides: list[str], world_size: int = 1):
     return build_run_config(OmegaConf.to_container(cfg, resolve=True), world_size=world_size)
 
 
-def micro_batch_reference(overrides: list[str], steps: int) -> tuple[list[dict[str, float]], dict[str, torch.Tensor]]:
+def micro_batch_reference(overrides: list[str], steps: int, keep_model: dict | None = None,
+                          ) -> tuple[list[dict[str, float]], dict[str, torch.Tensor]]:
     """Plain PyTorch, one process, the trainer's micro-batches one after another with gradient accumulation (the
     MoE aux loss is a per-micro-batch statistic, so this is what "the same as one rank" means for MoE models), torch
     AdamW and clipping with the norm summed in float64 (torch's float32 norm of the 1M-entry embedding gradient is
-    off by ~2e-5 relative on CPU). Returns per step ce/aux/loss/grad_norm, and the gradients of the first step."""
+    off by ~2e-5 relative on CPU). Returns per step ce/aux/loss/grad_norm, and the gradients of the first step;
+    ``keep_model["model"]`` receives the trained model."""
     run = run_config(overrides)
     torch.manual_seed(run.train.seed)
     model = Transformer(run.model)
@@ -57,6 +59,8 @@ def micro_batch_reference(overrides: list[str], steps: int) -> tuple[list[dict[s
         sched.step()
         opt.zero_grad(set_to_none=True)
         out.append({"loss": ce + aux, "ce_loss": ce, "aux_loss": aux, "grad_norm": float(norm)})
+    if keep_model is not None:
+        keep_model["model"] = model
     return out, first_grads
 
 

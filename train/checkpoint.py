@@ -1,13 +1,20 @@
-"""Checkpoints: DeepSpeed engine state + data-loader state + RNG + step + resolved config.
+"""Checkpoints: one contract for every parallel layout.
 
 Layout under ``run_dir/checkpoints``::
 
-    step_100/            a complete checkpoint (engine state under tag "ds", rng_rank*.pt, meta.json, config.yaml)
+    step_100/            a complete checkpoint:
+      ds/                DeepSpeed's own files for this layout (a same-layout resume is bit-identical)
+      shards/            weights, AdamW moments and buffers under the single-device model's names, in pieces
+                         (train.checkpoint_shards): a run of any other layout reads exactly its own slices
+      rng_rank*.json     each rank's generator states
+      meta.json          step, data-loader state, the layout it was saved with
+      config.yaml
     step_200/
     latest -> step_200   symlink, replaced atomically only after a checkpoint is complete
 
-A checkpoint is written to ``step_N.tmp`` first and renamed when every rank has finished, so
-an interrupted or failed save (full disk, second signal) never touches the last good one.
+A checkpoint is written to ``step_N.tmp`` first and renamed when every rank has finished, so an interrupted or
+failed save (full disk, second signal) never touches the last good one. Nothing here is unpickled: the pieces are
+safetensors, the rest JSON.
 """
 
 from __future__ import annotations
@@ -23,16 +30,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from train.checkpoint_layout_free import (
-    has_layout_free_state,
-    layout_free_supported,
-    load_layout_free_state,
-    save_layout_free_state,
-)
-from train.parallel.ep import load_expert_shards, save_expert_shards
+from train.checkpoint_shards import ShardReader, load_shards, param_shard, save_shards
 
 TAG = "ds"
-UNIVERSAL_TAG = "universal"  # DeepSpeed universal checkpoint converted from TAG, for resuming under another layout
+SHARDS = "shards"
 
 
 class CheckpointError(RuntimeError):
@@ -107,17 +108,12 @@ def save_checkpoint(
     error: Exception | None = None
     try:
         module.save_engine_state(tmp, TAG, step)
-        engine = module.engine
-        save_expert_shards(engine.module, tmp)  # expert-parallel runs: each EP rank's experts (else no-op)
-        if layout_free_supported(module):  # model-named state: resume under another PP/DP layout
-            save_layout_free_state(module, tmp)
+        save_shards(module.engine, module.named_parameters(), tmp / SHARDS, module.named_buffers())
         (tmp / f"rng_rank{rank}.json").write_text(json.dumps(_rng_state()))
         if rank == 0:
             (tmp / "config.yaml").write_text(config_yaml)
-            meta = {"step": step, "data": data_state, "world_size": dist.get_world_size() if dist.is_initialized() else 1}
-            lay = module.layout
-            meta["layout"] = {"dp": lay.dp, "tp": lay.tp, "pp": lay.pp, "ep": lay.ep,
-                              "zero_stage": engine.zero_optimization_stage()}
+            meta = {"step": step, "data": data_state, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+                    "layout": layout_record(module)}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     except (OSError, RuntimeError) as e:  # full disk, quota, permissions (torch.save wraps write errors
         error = e  # in RuntimeError): report once, keep the last good checkpoint
@@ -179,122 +175,43 @@ def _prune(root: Path, keep_last: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def layout_record(module: Any) -> dict[str, Any]:
+    """What decides whether DeepSpeed's own files fit a run: every axis size, ZeRO stage, sequence parallelism."""
+    lay = module.layout
+    record = {axis: getattr(lay, axis) for axis in ("world", "dp", "tp", "pp", "ep")}
+    return record | {"zero_stage": module.engine.zero_optimization_stage(), "sequence_parallel": module.sequence_parallel}
+
+
 def load_checkpoint(module: Any, ckpt: Path) -> dict[str, Any]:
-    """Collective. Restores engine (model, optimizer, lr schedule) and this rank's RNG; returns meta."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    """Collective. Restores the model, optimizer and lr schedule (and, for the same layout, each rank's RNG);
+    returns meta. The same layout loads DeepSpeed's files; any other goes through the pieces in ``shards/``."""
     meta = json.loads((ckpt / "meta.json").read_text())
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    engine = module.engine
-    saved = meta.get("layout") or {}
-    same_stages = saved.get("pp", meta.get("pp", 1)) == module.layout.pp
-    if engine.load_universal_checkpoint():  # the trainer saw a TP/DP layout change (universal_resume_needed)
-        _load_universal(engine, ckpt)
+    if meta.get("layout") == layout_record(module):
+        if not module.load_engine_state(ckpt, TAG):
+            raise CheckpointError(f"DeepSpeed found no engine state under {ckpt}/{TAG}; the checkpoint is incomplete")
+        _restore_expert_weights(module, ckpt / SHARDS)
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        rng_file = ckpt / f"rng_rank{rank}.json"
+        if rng_file.exists():
+            _set_rng_state(json.loads(rng_file.read_text()))
         return meta
-    if meta["world_size"] != world or not same_stages:
-        # Another layout: DeepSpeed's files are bound to theirs; the model-named copy (train.parallel.pp) is not.
-        if not (has_layout_free_state(ckpt) and layout_free_supported(module)):
-            raise CheckpointError(
-                f"{ckpt} was saved with {meta['world_size']} ranks ({saved}) and this run has {world} "
-                f"({module.layout.describe()}); resuming under another layout needs a ZeRO 0/1 checkpoint without TP/EP: resume with "
-                "the same number of ranks and parallel settings"
-            )
-        load_layout_free_state(module, ckpt)
-        return meta
-    if not module.load_engine_state(ckpt, TAG):
-        raise CheckpointError(f"DeepSpeed found no engine state under {ckpt}/{TAG}; the checkpoint is incomplete")
+    if not (ckpt / SHARDS / "state.json").exists():
+        raise CheckpointError(f"{ckpt} has no {SHARDS}/ pieces, so it resumes only with the layout it was saved with "
+                              f"({meta.get('layout')}); relaunch with that layout")
     try:
-        load_expert_shards(engine.module, ckpt)  # DeepSpeed's model file holds rank 0's experts only
-    except RuntimeError as e:
-        raise CheckpointError(str(e)) from e
-    rng_file = ckpt / f"rng_rank{rank}.json"
-    if rng_file.exists():
-        _set_rng_state(json.loads(rng_file.read_text()))
+        load_shards(module.engine, module.named_parameters(), ckpt / SHARDS, module.named_buffers())
+    except (KeyError, ValueError, FileNotFoundError) as e:
+        raise CheckpointError(f"{ckpt}: {e}") from e
     return meta
 
 
-# ------------------------------------------------------------------------------ resuming under another layout
-# Another TP/DP layout goes through DeepSpeed's universal checkpoint: `ds_to_universal` turns the ZeRO
-# shards into one fp32 tensor + Adam moments per parameter name, and an engine built with
-# `"checkpoint": {"load_universal": true}` slices them for its own ZeRO partitioning and AutoTP shards. This is
-# DeepSpeed's own resharding, so nothing of ours has to know the flat-buffer layout. It needs ZeRO >= 1 on both
-# sides (ZeRO-0 keeps a plain torch optimizer state, which the universal loader does not read) and no pipeline
-# or expert parallelism (their files are ours: see train.parallel.pp's layout-free state for ZeRO 0/1 pipelines).
-# The conversion marks the checkpoint with DeepSpeed's universal-checkpoint version (`inject_missing_state`):
-# passing it as `client_state` at save time is refused by DeepSpeed 0.19 (a reserved key).
-
-
-def _saved_layout(meta: dict[str, Any], layout: Any) -> dict[str, Any]:
-    # Checkpoints written before layouts were recorded carry only world_size (and pp): take the current tp/ep,
-    # so they resume as before when the world size matches (DeepSpeed checks the rest).
-    saved = meta.get("layout") or {}
-    return {
-        "world": int(meta["world_size"]), "tp": int(saved.get("tp", layout.tp)),
-        "pp": int(saved.get("pp", meta.get("pp", 1))), "ep": int(saved.get("ep", layout.ep)),
-        "zero_stage": saved.get("zero_stage", "?"),
-    }
-
-
-def universal_resume_needed(ckpt: Path | None, layout: Any, zero_stage: int) -> bool:
-    """Whether resuming ``ckpt`` under ``layout`` must load a universal checkpoint (call before building the
-    engine: DeepSpeed takes `load_universal` from its config). False for the same layout, or for a layout change
-    that the pipeline's layout-free state handles (ZeRO 0/1, pipelines); raises CheckpointError if impossible."""
-    if ckpt is None:
-        return False
-    saved = _saved_layout(json.loads((Path(ckpt) / "meta.json").read_text()), layout)
-    saved_zero = saved["zero_stage"] if isinstance(saved["zero_stage"], int) else 0
-    now = {"world": layout.world, "tp": layout.tp, "pp": layout.pp, "ep": layout.ep}
-    if all(saved[k] == now[k] for k in now):
-        return False
-    if saved["pp"] > 1 or layout.pp > 1 or (saved["tp"] == 1 and layout.tp == 1 and max(saved_zero, zero_stage) <= 1):
-        return False  # pipelines and ZeRO 0/1 data parallelism: train.parallel.pp's layout-free state
-    what = (f"{ckpt} was saved with world {saved['world']} (tp {saved['tp']}, pp {saved['pp']}, ep {saved['ep']}, "
-            f"ZeRO-{saved['zero_stage']}) and this run has world {layout.world} (tp {layout.tp}, pp {layout.pp}, "
-            f"ep {layout.ep}, ZeRO-{zero_stage})")
-    if saved["ep"] > 1 or layout.ep > 1:
-        raise CheckpointError(f"{what}; expert-parallel checkpoints resume with the same layout only: relaunch with "
-                              f"{saved['world']} ranks and parallel.ep={saved['ep']}")
-    if saved_zero < 1 or zero_stage < 1:
-        raise CheckpointError(f"{what}; resuming under another tensor-parallel layout goes through DeepSpeed's "
-                              "universal checkpoint, which needs ZeRO stage >= 1 on both sides: set "
-                              "parallel.zero_stage=1 (or resume with the saved layout)")
-    return True
-
-
-def _convert_to_universal(ckpt: Path) -> Path:
-    """Rank 0: `ds_to_universal` of ``ckpt/TAG`` into ``ckpt/UNIVERSAL_TAG`` (once; published by a rename)."""
-    import argparse
-    import contextlib
-    import io
-
-    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
-
-    out = ckpt / UNIVERSAL_TAG
-    if out.exists():
-        return out
-    tmp = ckpt / f"{UNIVERSAL_TAG}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    args = argparse.Namespace(input_folder=str(ckpt / TAG), output_folder=str(tmp), num_extract_workers=1,
-                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # progress bars
-        ds_to_universal(args)
-    os.replace(tmp, out)
-    return out
-
-
-def _load_universal(engine: Any, ckpt: Path) -> None:
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    error: Exception | None = None
-    if rank == 0:
-        try:
-            _convert_to_universal(ckpt)
-        except (OSError, RuntimeError, AssertionError, ValueError) as e:
-            error = e
-    if _any_rank(error is not None):
-        raise CheckpointError(f"converting {ckpt}/{TAG} to a universal checkpoint failed ({_describe(error)}); "
-                              "resume with the layout it was saved with")
-    _barrier()
-    load_path, _ = engine.load_checkpoint(
-        str(ckpt), tag=UNIVERSAL_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
-    )
-    if load_path is None:
-        raise CheckpointError(f"DeepSpeed found no universal state under {ckpt}/{UNIVERSAL_TAG}")
+@torch.no_grad()
+def _restore_expert_weights(module: Any, shards: Path) -> None:
+    """DeepSpeed's model file holds one rank's copy of the module, so each expert-parallel rank's experts come
+    from the pieces (exact fp32 values of the same step)."""
+    experts = [(name, p) for name, p in module.named_parameters() if getattr(p, "allreduce", True) is False]
+    if not experts:
+        return
+    with ShardReader(shards) as reader:
+        for name, p in experts:
+            p.data.copy_(reader.read(name, "param", param_shard(p), tuple(p.shape)).to(p.dtype))

@@ -126,10 +126,17 @@ class ShardReader:
         pieces = self._pieces.get((name, kind))
         if not pieces:
             raise KeyError(f"{self.directory}: no saved {kind} of {name!r}")
-        for *_, saved, _ in pieces:
-            if saved.global_shape != shard.global_shape:
+        saved_shape = pieces[0][2].global_shape
+        if any(saved.global_shape != saved_shape for *_, saved, _ in pieces):
+            raise ValueError(f"{self.directory}: {name!r} ({kind}) has pieces of different global shapes")
+        if saved_shape != shard.global_shape:
+            if math.prod(saved_shape) != math.prod(shard.global_shape):
                 raise ValueError(f"{self.directory}: {name!r} ({kind}) was saved with global shape "
-                                 f"{saved.global_shape}, requested {shard.global_shape}")
+                                 f"{saved_shape}, requested {shard.global_shape}")
+            # The same elements described through another view (a shard that is a strided slice of the
+            # single-device tensor, such as Mamba's in_proj under TP): one full parameter, viewed, then sliced.
+            full = self.read(name, kind, Shard(saved_shape, (0,) * len(saved_shape)), saved_shape)
+            return full.reshape(shard.global_shape)[shard.slices(local_shape)].clone()
         out = torch.empty(local_shape, dtype=torch.float32)
         covered = torch.zeros(local_shape, dtype=torch.bool)  # the elements some piece supplied
         for path, key, saved, shape in pieces:
@@ -341,6 +348,16 @@ def load_training_state(engine: Any, state: dict[str, Any]) -> None:
     if sched is not None and sched_state is not None:
         if hasattr(sched, "lr_lambdas"):  # LambdaLR: keeps the lambdas this process built
             sched_state = {**sched_state, "lr_lambdas": [None] * len(sched.lr_lambdas)}
+        groups = len(sched.optimizer.param_groups)
+        for key in ("base_lrs", "_last_lr"):
+            # Another layout may split the parameters into another number of groups (expert parallelism adds
+            # DeepSpeed's MoE groups); every group follows the one schedule, so any saved value is each group's.
+            saved = sched_state.get(key)
+            if saved and len(saved) != groups:
+                if len(set(saved)) != 1:
+                    raise ValueError(f"lr schedule saved for {len(saved)} parameter groups with different values "
+                                     f"{saved}; this run has {groups} groups")
+                sched_state = {**sched_state, key: [saved[0]] * groups}
         sched.load_state_dict(sched_state)
         # LambdaLR writes the lr into the param groups only when it steps: restore the current value too.
         for group, lr in zip(sched.optimizer.param_groups, sched.get_last_lr(), strict=True):

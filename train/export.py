@@ -1,8 +1,8 @@
 """Consolidate a training checkpoint into a plain model directory.
 
 `python -m train.export --checkpoint RUN_DIR|STEP_DIR --out DIR` writes `model_config.json` +
-`model.safetensors` (the format `python -m model.convert to-hf` reads), gathering ZeRO-partitioned
-weights with DeepSpeed's own zero_to_fp32 reader.
+`model.safetensors` (the format `python -m model.convert to-hf` reads) from the checkpoint's pieces, whatever
+tensor / pipeline / expert / ZeRO layout wrote them (DeepSpeed's zero_to_fp32 reads no TP or PP layout).
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ import yaml
 
 from model.config import ModelConfig
 from model.transformer import Transformer
-from train.checkpoint import TAG, CheckpointError, latest_checkpoint
+from train.checkpoint import SHARDS, CheckpointError, latest_checkpoint
+from train.checkpoint_shards import ShardReader
+from train.parallel.shard import Shard
 
 
 def resolve_checkpoint(path: Path) -> Path:
@@ -33,17 +35,6 @@ def resolve_checkpoint(path: Path) -> Path:
     return latest
 
 
-def _engine_state_dict(step_dir: Path) -> dict[str, torch.Tensor]:
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    try:
-        return get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag=TAG)
-    except ValueError:
-        # ZeRO stage 0 keeps the full module state in the model-states file.
-        states = torch.load(step_dir / TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-        return states["module"]
-
-
 def load_trained_model(path: Path) -> tuple[Transformer, ModelConfig]:
     """Loads our model (fp32, eval mode) from a run dir, a step dir or a consolidated model dir."""
     ckpt = resolve_checkpoint(path)
@@ -55,14 +46,16 @@ def load_trained_model(path: Path) -> tuple[Transformer, ModelConfig]:
     raw = yaml.safe_load((ckpt / "config.yaml").read_text())
     cfg = ModelConfig.from_dict(raw["model"])
     model = Transformer(cfg)
-    from train.parallel.ep import merge_expert_shards
-
-    # Expert-parallel checkpoints keep each EP rank's experts in their own files.
-    state = {k: v.float() for k, v in merge_expert_shards(_engine_state_dict(ckpt), ckpt).items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("expert_bias")]
-    if missing or unexpected:
-        raise CheckpointError(f"{ckpt}: weights do not match model {cfg.name}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if not (ckpt / SHARDS / "state.json").exists():
+        raise CheckpointError(f"{ckpt} has no complete {SHARDS}/ directory; it was not written by this version")
+    try:
+        with torch.no_grad(), ShardReader(ckpt / SHARDS) as reader:
+            for name, p in model.named_parameters():
+                p.copy_(reader.read(name, "param", Shard(tuple(p.shape), (0,) * p.dim()), tuple(p.shape)))
+            for name, b in model.named_buffers():
+                b.copy_(reader.read(name, "buffer", Shard(tuple(b.shape), (0,) * b.dim()), tuple(b.shape)))
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{ckpt}: weights do not match model {cfg.name}: {e}") from e
     return model.eval(), cfg
 
 

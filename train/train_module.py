@@ -41,6 +41,7 @@ class TrainModule(ABC):
     engine: Any
     layout: Layout
     groups: ParallelGroups
+    sequence_parallel: bool
 
     @abstractmethod
     def train_batch(self, batch: torch.Tensor) -> dict[str, torch.Tensor | None]:
@@ -146,6 +147,7 @@ class DeepSpeedTrainModule(TrainModule):
     def __init__(self, model: Transformer, cfg: RunConfig, groups: ParallelGroups, precision: str,
                  device: torch.device, extra_config: dict[str, Any]) -> None:
         self.layout, self.groups, self.device = groups.layout, groups, device
+        self.sequence_parallel = cfg.parallel.sp
         mpu = groups if self.layout.tp > 1 else None
         self.engine, self._norm = _initialize(model, cfg, groups, precision, mpu, extra_config)
 
@@ -189,6 +191,7 @@ class PipelineTrainModule(TrainModule):
         from train.parallel.pp import build_pipeline_module
 
         self.layout, self.groups, self.device = groups.layout, groups, device
+        self.sequence_parallel = cfg.parallel.sp
         seq_shards = self.layout.tp if cfg.parallel.sp else 1
         pipe = build_pipeline_module(model, groups, cfg.parallel.pp_partition, seq_shards)
         self.engine, self._norm = _initialize(pipe, cfg, groups, precision, None, extra_config)
@@ -225,11 +228,9 @@ class PipelineTrainModule(TrainModule):
         return self.engine.module.local_moe_layers()
 
 
-def build_train_module(cfg: RunConfig, groups: ParallelGroups, precision: str, device: torch.device,
-                       load_universal: bool = False) -> TrainModule:
+def build_train_module(cfg: RunConfig, groups: ParallelGroups, precision: str, device: torch.device) -> TrainModule:
     """The single-device model with this layout's parallelism applied (experts split over the EP group, then
-    everything over the TP group), in the engine that steps it. ``load_universal``: the run will resume a
-    DeepSpeed universal checkpoint (DeepSpeed reads it from its config)."""
+    everything over the TP group), in the engine that steps it."""
     layout = groups.layout
     model = build_model(cfg)
     apply_expert_parallel(model, groups)
@@ -237,7 +238,7 @@ def build_train_module(cfg: RunConfig, groups: ParallelGroups, precision: str, d
         from train.parallel.tp import apply_tensor_parallel
 
         apply_tensor_parallel(model, groups.tp_group, layout.tp_rank, layout.tp, cfg.parallel.sp)
-    extra: dict[str, Any] = {"checkpoint": {"load_universal": True}} if load_universal else {}
+    extra: dict[str, Any] = {}
     if layout.pp > 1:
         # DeepSpeed's partitioned sends (1/tp of a stage's output from each TP rank, all-gathered on arrival)
         # assume the TP ranks hold the same activations, which sequence parallelism breaks, and a stage output

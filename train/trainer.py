@@ -15,13 +15,7 @@ import torch.distributed as dist
 
 from data.stream import GlobalBatchLoader
 from model.flops import flops_per_token, param_counts
-from train.checkpoint import (
-    CheckpointError,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-    universal_resume_needed,
-)
+from train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from train.config import RunConfig
 from train.engine import init_distributed, resolve_device, resolve_precision
 from train.metrics import MetricsLogger, peak_flops_per_device
@@ -107,23 +101,19 @@ def run(cfg: RunConfig, config_yaml: str) -> int:
     is_main = rank == 0
     run_dir = cfg.run_dir
 
-    # A layout change since the last checkpoint may need DeepSpeed's universal checkpoint, which DeepSpeed must
-    # know about when the engine is built (train.checkpoint.universal_resume_needed).
+    module = build_train_module(cfg, groups, precision, device)
+    loader = data_loader(cfg, dp_rank)
+
+    start_step = 0
     try:
-        universal = universal_resume_needed(
-            latest_checkpoint(run_dir) if cfg.train.resume == "auto" else None, layout, cfg.parallel.zero_stage
-        )
+        ckpt = latest_checkpoint(run_dir) if cfg.train.resume == "auto" else None
+        if ckpt is not None:
+            meta = load_checkpoint(module, ckpt)
     except CheckpointError as e:
         if is_main:
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
-    module = build_train_module(cfg, groups, precision, device, load_universal=universal)
-    loader = data_loader(cfg, dp_rank)
-
-    start_step = 0
-    ckpt = latest_checkpoint(run_dir) if cfg.train.resume == "auto" else None
     if ckpt is not None:
-        meta = load_checkpoint(module, ckpt)
         start_step = int(meta["step"])
         loader.load_state_dict(meta["data"])
         if is_main:

@@ -35,7 +35,6 @@ ZeRO-3 (docs/ep_zero3.md), so EP with ZeRO-3 is refused when the config is built
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -184,62 +183,3 @@ def expert_param_groups(param_groups: list[dict[str, Any]]) -> list[dict[str, An
 
     named = [{"name": g.get("name", f"group{i}"), **g} for i, g in enumerate(param_groups)]
     return split_params_into_different_moe_groups_for_optimizer(named)
-
-
-# -------------------------------------------------------------------------------------- checkpoints
-def _shard_file(ckpt_dir: Path, groups_ep: int, ep_rank: int) -> Path:
-    return Path(ckpt_dir) / f"experts_ep{ep_rank}_of_{groups_ep}.pt"
-
-
-def save_expert_shards(model: nn.Module, ckpt_dir: Path) -> None:
-    """Collective-free: the first rank of each EDP group writes its EP rank's expert weights (no-op without EP).
-    DeepSpeed's model file holds only rank 0's experts (its expert files expect its own layer class)."""
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, ExpertParallelMoE)}
-    if not layers:
-        return
-    first = next(iter(layers.values()))
-    from deepspeed.utils import groups as ds_groups
-
-    if ds_groups._get_expert_data_parallel_rank(expert_group_name(first.ep_size)) != 0:
-        return
-    state = {f"{n}.{w}": getattr(m, w).detach().cpu().clone() for n, m in layers.items() for w in ("w1", "w3", "w2")}
-    torch.save({"ep": first.ep_size, "ep_rank": first.ep_rank, "experts": state},
-               _shard_file(ckpt_dir, first.ep_size, first.ep_rank))
-
-
-@torch.no_grad()
-def load_expert_shards(model: nn.Module, ckpt_dir: Path) -> None:
-    """Restores this EP rank's expert weights after `engine.load_checkpoint` (no-op without EP)."""
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, ExpertParallelMoE)}
-    if not layers:
-        return
-    first = next(iter(layers.values()))
-    path = _shard_file(ckpt_dir, first.ep_size, first.ep_rank)
-    if not path.exists():
-        saved = sorted(p.name for p in Path(ckpt_dir).glob("experts_ep*_of_*.pt"))
-        raise RuntimeError(
-            f"{ckpt_dir} has no expert shard {path.name} (found {saved or 'none'}): it was saved with another "
-            f"parallel.ep; resume with the parallel.ep it was saved with"
-        )
-    state = torch.load(path, map_location="cpu", weights_only=True)["experts"]
-    for n, m in layers.items():
-        for w in ("w1", "w3", "w2"):
-            getattr(m, w).copy_(state[f"{n}.{w}"])
-
-
-def merge_expert_shards(state: dict[str, Tensor], ckpt_dir: Path) -> dict[str, Tensor]:
-    """Full-size expert weights [E, ...] in ``state`` (a consolidated model state dict read from DeepSpeed's files,
-    which hold one EP rank's experts), concatenated from the shard files of an expert-parallel checkpoint; ``state``
-    unchanged when the checkpoint has none. For exporting / scoring an EP checkpoint on one process."""
-    files = sorted(Path(ckpt_dir).glob("experts_ep*_of_*.pt"))
-    if not files:
-        return state
-    shards = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
-    ep = shards[0]["ep"]
-    by_rank = {s["ep_rank"]: s["experts"] for s in shards}
-    if sorted(by_rank) != list(range(ep)):
-        raise RuntimeError(f"{ckpt_dir}: expert shards of EP ranks {sorted(by_rank)} found, expected 0..{ep - 1}")
-    merged = dict(state)
-    for name in by_rank[0]:
-        merged[name] = torch.cat([by_rank[r][name] for r in range(ep)], dim=0)
-    return merged
