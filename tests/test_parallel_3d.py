@@ -5,6 +5,7 @@ and every gradient of the first step gathered from the ranks' pieces."""
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import pytest
 from tests.forklaunch import fork_call
 from tests.parallel_check import assemble, assert_gradients_match, step_one_gradients
 from tests.reference import micro_batch_reference
-from tests.utils import REPO, TINY, child_env, read_metrics, run_train
+from tests.utils import PYTHON, REPO, TINY, child_env, read_metrics, run_train
 
 STEPS = 8
 REL_TOL = 1e-5
@@ -77,3 +78,14 @@ def test_loop_and_checkpoint_code_never_ask_for_the_layout():
     for path in ("train/trainer.py", "train/checkpoint.py"):
         hits = [line for line in (REPO / path).read_text().splitlines() if pattern.search(line)]
         assert not hits, (path, hits)
+
+
+def test_megatron_core_is_imported_only_for_model_parallel_layouts(sample_data):
+    """Everything a data-parallel run imports leaves megatron-core out (its import costs seconds per process)."""
+    code = (
+        "import sys; import train.trainer, train.train_module, train.checkpoint, train.export, train.parallel.pp; "
+        "assert not any(m.startswith('megatron') for m in sys.modules), 'megatron imported by a DP run'"
+    )
+    proc = subprocess.run([PYTHON, "-c", code], cwd=REPO, env=child_env(), capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
