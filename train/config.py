@@ -11,6 +11,7 @@ from typing import Any
 
 from data.stream import DataConfig, DataConfigError
 from model.config import ConfigError, ModelConfig
+from train.parallel.dims import PP_PARTITIONS, validate_layout
 
 
 def _from_dict(cls: type, d: dict[str, Any], prefix: str) -> Any:
@@ -42,9 +43,6 @@ class ParallelConfig:
     def validate(self, world_size: int, model: ModelConfig | None = None) -> int:
         """Checks the layout against the model and the world size (train.parallel.validate_layout, before any
         process group exists); returns the data-parallel size."""
-        from train.parallel.dims import validate_layout
-        from train.parallel.pp import PP_PARTITIONS
-
         if self.pp_partition not in PP_PARTITIONS:
             raise ConfigError("parallel.pp_partition", f"got {self.pp_partition!r}; use one of {', '.join(PP_PARTITIONS)}")
         return validate_layout(self, model if model is not None else ModelConfig(), world_size).dp

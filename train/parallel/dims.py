@@ -18,6 +18,7 @@ from typing import Any
 
 from model.config import ConfigError, ModelConfig
 
+PP_PARTITIONS = ("parameters", "uniform", "blocks")  # how pipeline stages split the layers (train.parallel.pp)
 ZERO_STAGES_WITH_PP = (0, 1)  # DeepSpeed's PipelineEngine asserts ZeRO < 2
 ZERO_STAGES_WITH_EP = (0, 1, 2)  # DeepSpeed's MoE support stops at ZeRO-2
 

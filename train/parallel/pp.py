@@ -28,10 +28,9 @@ from torch import nn
 from model.config import ConfigError, ModelConfig
 from model.layers import rope_cos_sin
 from model.transformer import Block, Transformer
+from train.parallel.dims import PP_PARTITIONS
 from train.parallel.ep import MARKER_NAME
 from train.parallel.groups import ParallelGroups, pipeline_grid
-
-PP_PARTITIONS = ("parameters", "uniform", "blocks")
 
 
 # ---------------------------------------------------------------------------------------------- layers
