@@ -11,7 +11,6 @@ module-level function. Activation checkpointing lives inside ``Block`` so it sur
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from model.attention import Attention
 from model.config import ModelConfig
+from model.init import init_buffer, init_parameter, parameter_generator
 from model.layers import RMSNorm, SwiGLU, rope_cos_sin
 
 IGNORE_INDEX = -100
@@ -104,8 +104,8 @@ class Transformer(nn.Module):
     embedding and every linear/expert weight ~ N(0, init_std), except the projections that write into the
     residual stream (attention ``o_proj``, MLP ``down_proj``, expert ``w2``, Mamba ``out_proj``), which use
     ``init_std / sqrt(2 * n_layers)`` as in GPT-2 so the residual variance does not grow with depth. Norm
-    weights are 1. The Mamba mixer's own parameters (``A_log``, ``D``, ``dt_proj``, ``conv1d``) keep the
-    mixer's initialisation; if the mixer defines ``reset_parameters()`` it is called first.
+    weights are 1. The Mamba mixer's own parameters (``A_log``, ``D``, ``dt_proj``, ``conv1d``) follow Mamba's
+    initialisation. Each parameter is drawn from a generator seeded by (seed, its name): see `model.init`.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -125,36 +125,16 @@ class Transformer(nn.Module):
     # ------------------------------------------------------------------ init
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        std = self.cfg.init_std
-        out_std = std / math.sqrt(2 * self.cfg.n_layers)
-        nn.init.normal_(self.embed.weight, 0.0, std)
-        if not self.cfg.tie_embeddings:
-            nn.init.normal_(self.lm_head.weight, 0.0, std)
-        nn.init.ones_(self.norm.weight)
-        for block in self.layers:
-            nn.init.ones_(block.mixer_norm.weight)
-            nn.init.ones_(block.ffn_norm.weight)
-            mixer, ffn = block.mixer, block.ffn
-            if block.is_attention:
-                for proj in (mixer.q_proj, mixer.k_proj, mixer.v_proj):
-                    nn.init.normal_(proj.weight, 0.0, std)
-                nn.init.normal_(mixer.o_proj.weight, 0.0, out_std)
-            else:
-                if hasattr(mixer, "reset_parameters"):
-                    mixer.reset_parameters()
-                for proj, proj_std in ((mixer.in_proj, std), (mixer.x_proj, std), (mixer.out_proj, out_std)):
-                    nn.init.normal_(proj.weight, 0.0, proj_std)
-                    if proj.bias is not None:
-                        nn.init.zeros_(proj.bias)
-            if block.is_moe:
-                nn.init.normal_(ffn.router.weight, 0.0, std)
-                nn.init.normal_(ffn.w1, 0.0, std)
-                nn.init.normal_(ffn.w3, 0.0, std)
-                nn.init.normal_(ffn.w2, 0.0, out_std)
-            else:
-                nn.init.normal_(ffn.gate_proj.weight, 0.0, std)
-                nn.init.normal_(ffn.up_proj.weight, 0.0, std)
-                nn.init.normal_(ffn.down_proj.weight, 0.0, out_std)
+        """Every parameter from its own generator, seeded from (``torch.initial_seed()``, its name): the rules of
+        `model.init`, so a parallel layout that generates each parameter by name gets the same weights. Parameters
+        on the meta device (a model built without storage, to be sharded first) are left for that layout."""
+        seed = torch.initial_seed()
+        for name, p in self.named_parameters():
+            if not p.is_meta:
+                p.copy_(init_parameter(self.cfg, name, p.shape, parameter_generator(seed, name), p.dtype))
+        for name, b in self.named_buffers():
+            if not b.is_meta:
+                b.copy_(init_buffer(self.cfg, name, b.shape, b.dtype))
 
     # --------------------------------------------------------------- forward
     def rope_tables(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:

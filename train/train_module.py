@@ -21,9 +21,9 @@ from model.transformer import Transformer
 from train.config import RunConfig
 from train.engine import build_optimizer, build_scheduler, deepspeed_config
 from train.parallel.dims import Layout
-from train.parallel.ep import apply_expert_parallel
 from train.parallel.grad import install_clipping
 from train.parallel.groups import ParallelGroups
+from train.parallel.init import build_parallel_model
 
 
 def build_model(cfg: RunConfig) -> Transformer:
@@ -232,12 +232,7 @@ def build_train_module(cfg: RunConfig, groups: ParallelGroups, precision: str, d
     """The single-device model with this layout's parallelism applied (experts split over the EP group, then
     everything over the TP group), in the engine that steps it."""
     layout = groups.layout
-    model = build_model(cfg)
-    apply_expert_parallel(model, groups)
-    if layout.tp > 1:
-        from train.parallel.tp import apply_tensor_parallel
-
-        apply_tensor_parallel(model, groups.tp_group, layout.tp_rank, layout.tp, cfg.parallel.sp)
+    model = build_parallel_model(cfg, groups)  # never the whole model on a rank when tp, pp or ep > 1
     extra: dict[str, Any] = {}
     if layout.pp > 1:
         # DeepSpeed's partitioned sends (1/tp of a stage's output from each TP rank, all-gathered on arrival)

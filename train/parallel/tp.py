@@ -35,6 +35,7 @@ that call ``model.embed``, blocks, ``model.norm``, ``model.lm_head`` and ``model
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 from typing import Any
@@ -269,11 +270,13 @@ def _shard(full: Tensor, dim: int, tp: _TP) -> nn.Parameter:
     return local
 
 
-def _megatron(cls: type[nn.Module], tp: _TP, dtype: torch.dtype, *args: Any, **kwargs: Any) -> Any:
-    """A megatron-core layer built empty (no initialisation, weights assigned afterwards)."""
+def _megatron(cls: type[nn.Module], tp: _TP, like: Tensor, *args: Any, **kwargs: Any) -> Any:
+    """A megatron-core layer built empty (no initialisation, weights assigned afterwards), in ``like``'s dtype; on
+    the meta device when ``like`` is there (a model sharded before it has storage allocates nothing here)."""
     config = ModelParallelConfig(tensor_model_parallel_size=tp.size, sequence_parallel=False,
-                                 use_cpu_initialization=True, perform_initialization=False, params_dtype=dtype)
-    layer = cls(*args, config=config, init_method=None, tp_group=tp.group, **kwargs)
+                                 use_cpu_initialization=True, perform_initialization=False, params_dtype=like.dtype)
+    with torch.device("meta") if like.is_meta else contextlib.nullcontext():
+        layer = cls(*args, config=config, init_method=None, tp_group=tp.group, **kwargs)
     layer._load_state_dict_pre_hooks.clear()  # megatron's hook inserts ``_extra_state`` into loaded state dicts
     return layer
 
@@ -282,7 +285,7 @@ def _column(linear: nn.Linear, tp: _TP, halves: int = 1) -> _ColumnParallelLinea
     """Column-parallel copy of ``linear``; with ``halves`` > 1 its output is that many concatenated blocks and
     this rank keeps its part of each."""
     out_f, in_f = linear.weight.shape
-    layer = _megatron(_ColumnParallelLinear, tp, linear.weight.dtype, in_f, out_f, bias=linear.bias is not None,
+    layer = _megatron(_ColumnParallelLinear, tp, linear.weight, in_f, out_f, bias=linear.bias is not None,
                       skip_bias_add=True, disable_grad_reduce=True)
     dim = 0 if halves == 1 else 1
     layer.weight = _shard(linear.weight if halves == 1 else linear.weight.view(halves, -1, in_f), dim, tp)
@@ -293,7 +296,7 @@ def _column(linear: nn.Linear, tp: _TP, halves: int = 1) -> _ColumnParallelLinea
 
 def _row(linear: nn.Linear, tp: _TP, scatter_sequence: bool) -> _RowParallelLinear:
     out_f, in_f = linear.weight.shape
-    layer = _megatron(_RowParallelLinear, tp, linear.weight.dtype, in_f, out_f, bias=linear.bias is not None,
+    layer = _megatron(_RowParallelLinear, tp, linear.weight, in_f, out_f, bias=linear.bias is not None,
                       input_is_parallel=True, skip_bias_add=False)
     layer.weight = _shard(linear.weight, 1, tp)
     if linear.bias is not None:
@@ -397,13 +400,14 @@ def _check(model: Transformer, tp: _TP) -> None:
 def apply_tensor_parallel(model: Transformer, tp_group: Any, tp_rank: int, tp: int, sequence_parallel: bool) -> None:
     """Collective-free. Turns ``model`` (the same initialised weights on every TP rank) into TP rank ``tp_rank``'s
     shard of it, in place; see the module docstring. ``megatron.core.parallel_state.initialize_model_parallel``
-    must have built the same TP groups (``tp_group`` is megatron's TP group). No-op for tp=1."""
+    must have built the same TP groups (``tp_group`` is megatron's TP group). No-op for tp=1. A model on the meta
+    device gives meta shards (nothing allocated), for `train.parallel.init.materialize` to fill."""
     if tp == 1:
         return
     ctx = _TP(tp_group, tp_rank, tp, sequence_parallel)
     _check(model, ctx)
     cfg = model.cfg
-    embed = _megatron(_VocabParallelEmbedding, ctx, model.embed.weight.dtype, cfg.vocab_size, cfg.d_model)
+    embed = _megatron(_VocabParallelEmbedding, ctx, model.embed.weight, cfg.vocab_size, cfg.d_model)
     embed.weight = _shard(model.embed.weight, 0, ctx)
     embed.scatter_sequence = sequence_parallel
     head = _column(model.lm_head, ctx)
