@@ -22,9 +22,9 @@ import train.__main__  # noqa: F401  (registers the run-dir resolver used by con
 from data.stream import GlobalBatchLoader
 from model.config import ConfigError
 from model.transformer import Transformer, causal_lm_loss
+from tests.reference import micro_batch_reference
 from tests.utils import PYTHON, REPO, TINY, child_env, free_port, read_metrics, run_train, train_losses
 from train.config import RunConfig, build_run_config
-from train.engine import build_optimizer, build_scheduler
 from train.parallel.pp import layer_specs, model_key_to_pipeline_key, pipeline_key_to_model_key
 
 STEPS = 10
@@ -38,53 +38,12 @@ def run_config(overrides: list[str], world_size: int = 1) -> RunConfig:
     return build_run_config(OmegaConf.to_container(cfg, resolve=True), world_size=world_size)
 
 
-def clip_accurately(model: torch.nn.Module, max_norm: float) -> None:
-    """torch's clipping rule with the norm summed in float64. ``clip_grad_norm_``'s float32 norm is off by ~2e-5
-    relative on CPU for the 8000 x 128 embedding gradient; MoE routing turns that into 3e-5 loss differences by
-    step 10, larger than the tolerance, while the engines' norms (sums of squares) are accurate."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    norm = torch.stack([g.double().pow(2).sum() for g in grads]).sum().sqrt()
-    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0).float()
-    for g in grads:
-        g.mul_(coef)
-
-
-def reference_run(overrides: list[str], steps: int) -> list[dict[str, float]]:
-    """Plain PyTorch, one process, the trainer's micro-batches (MoE aux losses are per micro-batch, so the
-    micro-batch size matters): per step the mean over micro-batches of ce, aux and ce + aux."""
-    run = run_config(overrides)
-    torch.manual_seed(run.train.seed)
-    model = Transformer(run.model)
-    opt = build_optimizer(model, run.optim)
-    sched = build_scheduler(opt, run)
-    loader = GlobalBatchLoader(
-        run.data, seq_len=run.train.seq_len, global_batch_size=run.train.global_batch_size,
-        micro_batch_size=run.train.micro_batch_size, dp_rank=0, dp_size=1, seed=run.train.seed,
-    )
-    out = []
-    for step in range(steps):
-        batch = loader.batch(step)
-        n = batch.shape[0]
-        ce = aux = 0.0
-        for micro in batch:
-            res = model(micro[:, :-1], labels=micro[:, 1:])
-            (res.loss / n).backward()
-            ce += res.ce_loss.item() / n
-            aux += res.aux_loss.item() / n
-        clip_accurately(model, run.train.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        out.append({"loss": ce + aux, "ce_loss": ce, "aux_loss": aux})
-    return out
-
-
 _REFERENCES: dict[str, list[dict[str, float]]] = {}
 
 
 def reference(model: str) -> list[dict[str, float]]:
     if model not in _REFERENCES:
-        _REFERENCES[model] = reference_run([f"model={model}"], STEPS)
+        _REFERENCES[model] = micro_batch_reference([*TINY, f"model={model}"], STEPS)[0]
     return _REFERENCES[model]
 
 
