@@ -56,10 +56,6 @@ class Layout:
         """Index among the ranks holding the same experts (expert data parallelism)."""
         return self.dp_rank // self.ep
 
-    @property
-    def is_model_parallel(self) -> bool:
-        return self.tp > 1 or self.pp > 1
-
     def global_rank(self, pp_rank: int, dp_rank: int, tp_rank: int) -> int:
         return (pp_rank * self.dp + dp_rank) * self.tp + tp_rank
 
