@@ -1,24 +1,31 @@
-"""Training-step throughput: our model (plain loop and DeepSpeed engine) against a plain PyTorch +
-transformers LlamaForCausalLM loop on the same architecture and weights.
+"""Training step of our model against transformers' model of the same config and weights, per family.
 
-    .venv/bin/python bench/bench_train_step.py --model dense_tiny --seq-len 256 --batch 8 --steps 10
+    .venv/bin/python bench/bench_train_step.py --families dense moe hybrid --repeats 7
+    .venv/bin/python bench/bench_train_step.py --families dense --compile      # adds our torch.compile'd step
 
-Prints tokens/s of each and the ratios against the transformers loop (same process, same inputs).
-On CUDA it runs bf16 autocast; on CPU fp32. MFU is reported against --peak-flops (or a table/CPU estimate).
+For each family (dense = LlamaForCausalLM, moe = MixtralForCausalLM, hybrid = JambaForCausalLM) the tiny config
+is resized (--d-model, --layers, --ffn-hidden), both models get the same weights (`model.convert`) and each
+trains with a plain loop: forward with labels, backward, clip at 1.0, AdamW. The steps are interleaved (one of
+each per repeat, after warm-up), so load on the machine hits both alike; the table shows median seconds per step,
+tokens/s, MFU and the median of the per-repeat ratios (reference time / ours: > 1 means ours is faster).
+On CUDA both run under bf16 autocast; on CPU in fp32.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import dataclasses
+import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from model.config import ModelConfig
 from model.convert import config_to_hf, state_dict_to_hf
@@ -26,96 +33,106 @@ from model.flops import flops_per_token
 from model.transformer import Transformer
 from train.metrics import peak_flops_per_device
 
+TINY_CONFIG = {"dense": "dense_tiny", "moe": "moe_tiny", "hybrid": "hybrid_tiny"}
+
+
+def family_config(family: str, d_model: int, layers: int, ffn_hidden: int, seq_len: int, **overrides) -> ModelConfig:
+    raw = yaml.safe_load((ROOT / "conf" / "model" / f"{TINY_CONFIG[family]}.yaml").read_text())
+    raw.update(d_model=d_model, n_layers=layers, ffn_hidden=ffn_hidden, max_seq_len=max(raw["max_seq_len"], seq_len))
+    raw.update(overrides)
+    return ModelConfig.from_dict(raw)
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
-def time_loop(step_fn, steps: int, warmup: int, device: torch.device) -> float:
-    for _ in range(warmup):
-        step_fn()
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step_fn()
-    _sync(device)
-    return (time.perf_counter() - t0) / steps
+def train_step(model: torch.nn.Module, loss_of: Callable[[], torch.Tensor], device: torch.device) -> Callable[[], float]:
+    """One optimizer step of ``model``; returns its wall time in seconds."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=device.type == "cuda")
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def step() -> float:
+        _sync(device)
+        t0 = time.perf_counter()
+        with amp:
+            loss = loss_of()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(device)
+        return time.perf_counter() - t0
+
+    return step
+
+
+def bench_family(family: str, args: argparse.Namespace, device: torch.device) -> list[tuple[str, list[float]]]:
+    from transformers import AutoModelForCausalLM
+
+    cfg = family_config(family, args.d_model, args.layers, args.ffn_hidden, args.seq_len)
+    torch.manual_seed(0)
+    ours = Transformer(cfg).to(device)
+    hf = AutoModelForCausalLM.from_config(config_to_hf(cfg), attn_implementation="sdpa").to(device)
+    missing, unexpected = hf.load_state_dict(state_dict_to_hf(ours.state_dict(), cfg), strict=False)
+    if unexpected or [k for k in missing if "inv_freq" not in k]:
+        raise RuntimeError(f"weights did not map onto the transformers model: {missing} {unexpected}")
+    tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len + 1), device=device)
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    # transformers shifts the labels itself: same inputs, T-1 scored positions.
+    steps = [("transformers", train_step(hf, lambda: hf(input_ids=x, labels=x).loss, device)),
+             ("ours", train_step(ours, lambda: ours(x, labels=y).loss, device))]
+    if args.compile:
+        from model.compile import compile_blocks
+
+        compiled = Transformer(dataclasses.replace(cfg)).to(device)
+        compiled.load_state_dict(ours.state_dict())
+        compile_blocks(compiled)
+        steps.append(("ours, compiled", train_step(compiled, lambda: compiled(x, labels=y).loss, device)))
+    for _, step in steps:  # warm-up (and compilation) outside the timed repeats
+        for _ in range(args.warmup):
+            step()
+    times: dict[str, list[float]] = {name: [] for name, _ in steps}
+    for _ in range(args.repeats):
+        for name, step in steps:
+            times[name].append(step())
+    return [(name, times[name]) for name, _ in steps]
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--model", default="dense_tiny")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--families", nargs="+", default=["dense", "moe", "hybrid"], choices=list(TINY_CONFIG))
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--ffn-hidden", type=int, default=512)
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--compile", action="store_true", help="also time our model with model.compile.compile_blocks")
     p.add_argument("--peak-flops", type=float, default=None)
-    p.add_argument("--no-deepspeed", action="store_true")
     args = p.parse_args()
-
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "conf" / "model" / f"{args.model}.yaml").read_text())
-    cfg = ModelConfig.from_dict(raw)
-    cfg.max_seq_len = max(cfg.max_seq_len, args.seq_len)
-    torch.manual_seed(0)
-    ours = Transformer(cfg).to(device)
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_config(config_to_hf(cfg), attn_implementation="sdpa").to(device)
-    hf.load_state_dict(state_dict_to_hf(ours.state_dict(), cfg), strict=False)
-    tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len + 1), device=device)
-    x, y = tokens[:, :-1], tokens[:, 1:]
-
-    def plain_step(model, loss_of):
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=device.type == "cuda")
-
-        def step():
-            with amp:
-                loss = loss_of(model)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        return step
-
-    results = {}
-    results["hf_plain"] = time_loop(plain_step(hf, lambda m: m(input_ids=x, labels=tokens[:, :-1]).loss), args.steps,
-                                    args.warmup, device)
-    results["ours_plain"] = time_loop(plain_step(ours, lambda m: m(x, labels=y).loss), args.steps, args.warmup, device)
-    if not args.no_deepspeed:
-        import deepspeed
-
-        for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                     "MASTER_PORT": "29533"}.items():
-            os.environ.setdefault(k, v)
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False)
-        engine, *_ = deepspeed.initialize(
-            model=ours, optimizer=torch.optim.AdamW(ours.parameters(), lr=1e-4),
-            config={"train_micro_batch_size_per_gpu": args.batch, "gradient_accumulation_steps": 1,
-                    "gradient_clipping": 1.0, "zero_optimization": {"stage": 1},
-                    "bf16": {"enabled": device.type == "cuda"}, "steps_per_print": 10**9},
-        )
-
-        def ds_step():
-            loss = engine(x, labels=y).loss
-            engine.backward(loss)
-            engine.step()
-
-        results["ours_deepspeed_zero1"] = time_loop(ds_step, args.steps, args.warmup, device)
-
-    tokens_per_step = args.batch * args.seq_len
-    fpt = flops_per_token(cfg, args.seq_len)
     peak = peak_flops_per_device(device, args.peak_flops)
-    print(f"model {cfg.name} seq {args.seq_len} batch {args.batch} on {device.type} "
-          f"({'bf16 autocast' if device.type == 'cuda' else 'fp32'}), {torch.get_num_threads()} threads")
-    print(f"{'loop':<24}{'s/step':>10}{'tokens/s':>12}{'MFU':>8}{'vs hf_plain':>13}")
-    for name, sec in results.items():
-        tps = tokens_per_step / sec
-        print(f"{name:<24}{sec:>10.4f}{tps:>12.0f}{100 * tps * fpt / peak:>7.2f}%{results['hf_plain'] / sec:>12.2f}x")
+    tokens_per_step = args.batch * args.seq_len
+    print(f"d_model {args.d_model}, {args.layers} layers, ffn {args.ffn_hidden}, seq {args.seq_len}, batch "
+          f"{args.batch} on {device.type} ({'bf16 autocast' if device.type == 'cuda' else 'fp32'}), "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}, {args.repeats} interleaved repeats")
+    print(f"{'family':<8}{'loop':<18}{'s/step':>9}{'tokens/s':>10}{'MFU':>8}{'vs transformers':>17}")
+    for family in args.families:
+        rows = bench_family(family, args, device)
+        cfg = family_config(family, args.d_model, args.layers, args.ffn_hidden, args.seq_len)
+        fpt = flops_per_token(cfg, args.seq_len)
+        reference = rows[0][1]
+        for name, times in rows:
+            sec = statistics.median(times)
+            ratio = statistics.median(r / t for r, t in zip(reference, times, strict=True))
+            tps = tokens_per_step / sec
+            print(f"{family:<8}{name:<18}{sec:>9.4f}{tps:>10.0f}{100 * tps * fpt / peak:>7.2f}%{ratio:>16.2f}x")
 
 
 if __name__ == "__main__":

@@ -74,7 +74,13 @@ class ModelConfig:
     mamba_chunk_size: int = 64  # chunk length of the parallel scan
 
     # --- Performance ---
-    activation_checkpointing: bool = False
+    # What a block keeps for backward: "none" (everything autograd saves), "full" (its input only; the block runs
+    # again in backward) or "selective" (matmul and attention outputs; norms, RoPE and activations are recomputed:
+    # `model.recompute`). true / false mean full / none.
+    activation_checkpointing: str | bool = "none"
+    # The LM head and cross entropy run this many tokens at a time without materialising the [tokens, vocab] logits
+    # (`model.loss.linear_cross_entropy`); null computes the full logits and `model.loss.causal_lm_loss`.
+    loss_chunk_tokens: int | None = 1024
 
     # ---------------------------------------------------------------- derived
     @property
@@ -128,6 +134,12 @@ class ModelConfig:
                 raise err("expert_layer_offset", "must be in [0, expert_layer_period)")
             if self.capacity_factor is not None and self.capacity_factor <= 0:
                 raise err("capacity_factor", "must be positive or null (dropless)")
+        if isinstance(self.activation_checkpointing, bool):
+            self.activation_checkpointing = "full" if self.activation_checkpointing else "none"
+        if self.activation_checkpointing not in ("none", "full", "selective"):
+            raise err("activation_checkpointing", f"got {self.activation_checkpointing!r}; use none, full or selective")
+        if self.loss_chunk_tokens is not None and self.loss_chunk_tokens < 1:
+            raise err("loss_chunk_tokens", f"must be >= 1 or null (full logits), got {self.loss_chunk_tokens}")
         if self.family != "hybrid" and (self.attn_layer_period, self.attn_layer_offset) != (1, 0):
             raise err("attn_layer_period", "only family=hybrid interleaves Mamba layers; keep period 1, offset 0")
         if not 0 <= self.attn_layer_offset < self.attn_layer_period:

@@ -1,9 +1,11 @@
-"""Building blocks of the decoders: RMSNorm, rotary position embedding, SwiGLU MLP."""
+"""Building blocks of the decoders: RMSNorm, rotary position embedding, SwiGLU MLP, LM head."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from model.loss import linear_cross_entropy
 
 
 class RMSNorm(nn.Module):
@@ -68,3 +70,19 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LMHead(nn.Linear):
+    """Projection to the vocabulary. ``forward(h)`` -> logits [..., V]; ``forward(h, labels)`` -> the mean cross
+    entropy of those logits, computed ``chunk_tokens`` tokens at a time without materialising them
+    (`model.loss.linear_cross_entropy`). Labels go through the module call so that whatever wraps the head (ZeRO-3
+    parameter gathering, tensor-parallel input hooks) sees the loss as the head's forward."""
+
+    def __init__(self, d_model: int, vocab_size: int, chunk_tokens: int):
+        super().__init__(d_model, vocab_size, bias=False)
+        self.chunk_tokens = chunk_tokens
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if labels is None:
+            return super().forward(x)
+        return linear_cross_entropy(x, self.weight, labels, self.chunk_tokens)

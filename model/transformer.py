@@ -14,16 +14,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from model.attention import Attention
 from model.config import ModelConfig
 from model.init import init_buffer, init_parameter, parameter_generator
-from model.layers import RMSNorm, SwiGLU, rope_cos_sin
+from model.layers import LMHead, RMSNorm, SwiGLU, rope_cos_sin
+from model.loss import IGNORE_INDEX, causal_lm_loss
+from model.recompute import checkpointed
 
-IGNORE_INDEX = -100
+__all__ = ["IGNORE_INDEX", "Block", "ModelOutput", "Transformer", "causal_lm_loss"]
 
 
 def _moe_class() -> type[nn.Module]:
@@ -41,25 +41,13 @@ def _mamba_class() -> type[nn.Module]:
 
 @dataclass
 class ModelOutput:
-    """``loss = ce_loss + aux_loss`` when labels were given, else ``loss`` and ``ce_loss`` are None."""
+    """``loss = ce_loss + aux_loss`` when labels were given, else ``loss`` and ``ce_loss`` are None. ``logits`` is
+    None when labels were given and the loss ran fused with the LM head (``model.loss_chunk_tokens``)."""
 
-    logits: torch.Tensor  # [B, T, V] in the activation dtype
+    logits: torch.Tensor | None  # [B, T, V] in the activation dtype
     loss: torch.Tensor | None
     ce_loss: torch.Tensor | None
     aux_loss: torch.Tensor  # 0-dim; sum of the MoE layers' (already coefficient-weighted) aux losses
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross entropy (float32) over the positions whose label is not -100.
-
-    ``labels[b, t]`` is the target for position t, i.e. already shifted (``labels[:, t] = tokens[:, t + 1]``).
-    If every label is ignored the loss is 0 rather than NaN.
-    """
-    flat_logits = logits.reshape(-1, logits.shape[-1]).float()
-    flat_labels = labels.reshape(-1)
-    total = F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX, reduction="sum")
-    count = (flat_labels != IGNORE_INDEX).sum().clamp(min=1)
-    return total / count
 
 
 class Block(nn.Module):
@@ -91,10 +79,8 @@ class Block(nn.Module):
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-            # Non-reentrant checkpointing: recomputes this block in backward, keeps only its input.
-            return checkpoint(self._forward, x, rope, use_reentrant=False)
-        return self._forward(x, rope)
+        mode = self.activation_checkpointing if self.training and torch.is_grad_enabled() else "none"
+        return checkpointed(self._forward, mode, x, rope)
 
 
 class Transformer(nn.Module):
@@ -115,7 +101,7 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.d_model, cfg.vocab_size, cfg.loss_chunk_tokens or 0)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         # (logits, labels) -> ce_loss; tensor parallelism swaps in a loss over vocabulary-sharded logits.
@@ -157,13 +143,22 @@ class Transformer(nn.Module):
         for block in self.layers:
             x, aux = block(x, rope)
             aux_loss = aux_loss + aux
-        logits = self.lm_head(self.norm(x))
+        h = self.norm(x)
         if labels is None:
-            return ModelOutput(logits=logits, loss=None, ce_loss=None, aux_loss=aux_loss)
+            return ModelOutput(logits=self.lm_head(h), loss=None, ce_loss=None, aux_loss=aux_loss)
         if labels.shape != tokens.shape:
             raise ValueError(f"labels shape {tuple(labels.shape)} must equal tokens shape {tuple(tokens.shape)}")
-        ce_loss = self.loss_fn(logits, labels)
+        logits, ce_loss = self.head_loss(h, labels)
         return ModelOutput(logits=logits, loss=ce_loss + aux_loss, ce_loss=ce_loss, aux_loss=aux_loss)
+
+    def head_loss(self, h: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(logits or None, mean cross entropy) of the final-norm output ``h``: fused with the LM head in chunks
+        when ``loss_chunk_tokens`` is set (no logits), else full logits and ``loss_fn``. A pipeline's last stage
+        calls this with the labels it receives."""
+        if self.cfg.loss_chunk_tokens:
+            return None, self.lm_head(h, labels)
+        logits = self.lm_head(h)
+        return logits, self.loss_fn(logits, labels)
 
     # ------------------------------------------------------------- utilities
     def moe_layers(self) -> list[nn.Module]:

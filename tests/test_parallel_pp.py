@@ -62,8 +62,9 @@ def assert_matches_reference(run_dir: Path, ref: list[dict[str, float]]) -> None
 # ------------------------------------------------------------------------------------------ one process
 @pytest.mark.parametrize("model,tied", [("dense_tiny", True), ("hybrid_tiny", False)])
 def test_stage_chain_equals_model_forward_and_names_map_back(model, tied, sample_data):
-    """The pipeline layers run in sequence give the model's logits and loss exactly, and their state-dict keys
-    map one-to-one onto ``Transformer.state_dict()`` (each key with the same tensor)."""
+    """The pipeline layers run in sequence, then the loss the last stage applies, give the model's logits and loss
+    exactly, and their state-dict keys map one-to-one onto ``Transformer.state_dict()`` (each key with the same
+    tensor)."""
     run = run_config([f"model={model}", f"model.tie_embeddings={str(tied).lower()}"])
     torch.manual_seed(run.train.seed)
     net = Transformer(run.model)
@@ -74,10 +75,12 @@ def test_stage_chain_equals_model_forward_and_names_map_back(model, tied, sample
     h = tokens
     for i, layer in enumerate(layers):
         h = specs[i].forward_fn(layer, h) if getattr(specs[i], "forward_fn", None) else layer(h)
-    logits, aux = h
+    hidden, aux = h
     want = net(tokens, labels=labels)
-    assert torch.equal(logits, want.logits)
-    assert torch.equal(causal_lm_loss(logits, labels) + aux.sum(), want.loss)
+    assert torch.equal(net.lm_head(hidden), net(tokens).logits)
+    assert torch.equal(net.head_loss(hidden, labels)[1] + aux.sum(), want.loss)
+    unfused = causal_lm_loss(net.lm_head(hidden), labels)  # the loss the fused head stands for
+    assert torch.allclose(net.head_loss(hidden, labels)[1], unfused, rtol=1e-6)
     if run.model.family != "dense":
         assert float(aux.sum()) > 0
 

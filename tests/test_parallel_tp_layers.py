@@ -1,6 +1,7 @@
 """Megatron-style tensor parallelism (`train.parallel.tp.apply_tensor_parallel`) on 2 gloo ranks against the
 single-device model, for every family (dense, dense with tied embeddings, MoE, hybrid with Mamba, attention and
-MoE layers), with and without sequence parallelism: loss, aux loss, every gradient (shards gathered with their
+MoE layers), with and without sequence parallelism: loss (fused with the vocabulary-parallel head, and on sharded
+logits), aux loss, every gradient (shards gathered with their
 `train.parallel.shard` records), parameter and state-dict names, per-rank parameter bytes; with SP also the
 residual stream's shape and the activation bytes a block saves for backward.
 
@@ -10,6 +11,7 @@ Ranks are forked from the test process after it imported torch and megatron-core
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import threading
 import traceback
@@ -48,10 +50,11 @@ CASES = [(f, sp) for f in FAMILIES if f != "hybrid_ckpt" for sp in (False, True)
 REL_TOL = 1e-5
 MAX_PARAM_BYTES = 0.55
 MAX_SP_SAVED = 0.85
+FUSED_CHUNK = 7  # the TP model's loss runs fused with its head, 7 tokens a chunk (the last one short)
 
 
 def _cfg(family: str) -> ModelConfig:
-    return ModelConfig(**BASE, **FAMILIES[family])
+    return ModelConfig(**BASE, **FAMILIES[family], loss_chunk_tokens=None)
 
 
 class RecordingMoE(MoE):
@@ -66,6 +69,8 @@ def _tp_model(family: str, sp: bool) -> tuple[Transformer, Transformer]:
     torch.manual_seed(0)
     ref = Transformer(_cfg(family))
     model = copy.deepcopy(ref)
+    model.cfg = dataclasses.replace(ref.cfg, loss_chunk_tokens=FUSED_CHUNK)
+    model.lm_head.chunk_tokens = FUSED_CHUNK
     for block in model.layers:
         if block.is_moe:
             block.ffn.__class__ = RecordingMoE
@@ -112,9 +117,12 @@ def _check_family(family: str, sp: bool) -> dict[str, Any]:
         x, rope = model.embed(tokens), model.rope_tables(T, tokens.device)
         for block in model.layers:
             x, _ = block(x, rope)
-        staged = model.loss_fn(model.lm_head(model.norm(x)), labels).item()
-    assert abs(staged - want.ce_loss.item()) <= REL_TOL * want.ce_loss.item(), (staged, want.ce_loss.item())
-    assert got.logits.shape == (B, T, BASE["vocab_size"] // WORLD)
+        h = model.norm(x)
+        staged = model.loss_fn(model.lm_head(h), labels).item()  # the vocab-parallel loss on sharded logits
+        staged_fused = model.head_loss(h, labels)[1].item()
+    for value in (staged, staged_fused):
+        assert abs(value - want.ce_loss.item()) <= REL_TOL * want.ce_loss.item(), (value, want.ce_loss.item())
+    assert got.logits is None and model(tokens).logits.shape == (B, T, BASE["vocab_size"] // WORLD)
     if sp and family == "dense":  # raised by the embedding's split, on every rank alike
         with pytest.raises(ValueError, match="seq_len divisible by tp=2"):
             model(tokens[:, :-1])

@@ -117,6 +117,8 @@ class TrainConfig:
     precision: str = "auto"
     device: str = "auto"
     peak_flops: float | None = None
+    # torch.compile each decoder block (`model.compile.compile_blocks`); the first steps pay the compilation.
+    compile: bool = False
 
     def validate(self, dp_size: int, model: ModelConfig, parallel: ParallelConfig) -> None:
         for key in ("steps", "micro_batch_size", "global_batch_size", "seq_len"):
@@ -140,6 +142,9 @@ class TrainConfig:
             raise ConfigError("train.resume", f"got {self.resume!r}; use auto or never")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError("train.precision", f"got {self.precision!r}; use auto, fp32 or bf16")
+        if self.compile and parallel.zero_stage == 3:
+            raise ConfigError("train.compile", "is not supported with ZeRO-3 (its parameter gathering hooks run inside "
+                              "the compiled blocks); use parallel.zero_stage<=2 or train.compile=false")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError("train.device", f"got {self.device!r}; use auto, cpu or cuda")
         if self.ckpt_every < 1 or self.keep_last < 1:

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from model.compile import compile_blocks
 from model.transformer import Transformer
 from train.config import RunConfig
 from train.engine import build_optimizer, build_scheduler, deepspeed_config
@@ -233,6 +234,8 @@ def build_train_module(cfg: RunConfig, groups: ParallelGroups, precision: str, d
     everything over the TP group), in the engine that steps it."""
     layout = groups.layout
     model = build_parallel_model(cfg, groups)  # never the whole model on a rank when tp, pp or ep > 1
+    if cfg.train.compile:
+        compile_blocks(model)
     extra: dict[str, Any] = {}
     if layout.pp > 1:
         # DeepSpeed's partitioned sends (1/tp of a stage's output from each TP rank, all-gathered on arrival)

@@ -4,9 +4,10 @@ The model code is untouched. Its modules are wrapped as pipeline layers, in orde
 
     layer 0          EmbeddingStage(embed)                tokens        -> (x, aux)
     layer 1..L       BlockStage(layers[i])                (x, aux)      -> (x, aux + block aux)
-    layer L+1        HeadStage(norm, lm_head)             (x, aux)      -> (logits, aux)
-                     or, with tied embeddings, NormStage(norm) and the embedding again (a TiedLayerSpec)
-                     whose forward is ``x @ embed.weight.T``
+    layer L+1        HeadStage(norm, lm_head)             (x, aux)      -> (norm(x), aux)
+                     or, with tied embeddings, NormStage(norm) and the embedding again (a TiedLayerSpec that
+                     places the shared weight on the last stage)
+    loss             Transformer.head_loss(h, labels)     the LM head and cross entropy (fused or not)
 
 ``aux`` is a float32 tensor of shape [1] that carries the running sum of the MoE aux losses from stage
 to stage (DeepSpeed pipes tuples of tensors, and sends gradients back for every floating tensor), so the
@@ -78,16 +79,17 @@ class BlockStage(nn.Module):
 
 
 class HeadStage(nn.Module):
-    """(x, aux) -> (logits, aux): final norm and untied LM head, under the model's names."""
+    """(x, aux) -> (norm(x), aux): the final norm, and the untied LM head under the model's names, which the loss
+    applies (`Transformer.head_loss`, fused with the cross entropy when ``model.loss_chunk_tokens`` is set)."""
 
-    def __init__(self, norm: nn.Module, lm_head: nn.Linear):
+    def __init__(self, norm: nn.Module, lm_head: nn.Module):
         super().__init__()
         self.norm = norm
         self.lm_head = lm_head
 
     def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         x, aux = inputs
-        return self.lm_head(self.norm(x)), aux
+        return self.norm(x), aux
 
 
 class NormStage(nn.Module):
@@ -103,8 +105,8 @@ class NormStage(nn.Module):
 
 
 def _tied_head_forward(embedding: EmbeddingStage, inputs: tuple[torch.Tensor, torch.Tensor]):
-    h, aux = inputs
-    return embedding.head(h), aux
+    # The tied copy on the last stage only places the shared weight there; the loss applies the head.
+    return inputs
 
 
 def layer_prefix(layer_idx: int, cfg: ModelConfig) -> str | None:
@@ -163,13 +165,14 @@ def _pipeline_module_class() -> type:
             super().__init__(layers=layers, loss_fn=None, **kwargs)
             self.model_cfg = model.cfg
             self.loss_fn = self._causal_lm_loss
-            self.lm_loss = model.loss_fn  # the model's (vocabulary-parallel under tensor parallelism)
+            # LM head + cross entropy, as the model runs them (vocabulary-parallel under tensor parallelism).
+            self.head_loss = model.head_loss
             self._last_losses: tuple[torch.Tensor, torch.Tensor] | None = None
             self._moe_ordinals = moe_ordinals
 
         def _causal_lm_loss(self, outputs: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-            logits, aux = outputs
-            ce = self.lm_loss(logits, labels)
+            h, aux = outputs
+            _, ce = self.head_loss(h, labels)
             aux = aux.sum()  # [1] -> 0-dim
             self._last_losses = (ce.detach().float(), aux.detach().float())
             # Evaluation reports next-token loss only, as the single-device evaluate() does.

@@ -5,7 +5,8 @@ Rank r of a TP group of size tp keeps part r of tp equal parts of every large te
 - embedding: vocabulary-parallel (rows of ``embed.weight``, megatron-core's `VocabParallelEmbedding`); LM head
   column-parallel over the vocabulary (the same rows, the same parameter when tied). Logits stay sharded
   (``ModelOutput.logits`` is this rank's [B, T, V/tp] slice) and ``Transformer.loss_fn`` becomes
-  `vocab_parallel_causal_lm_loss` (megatron-core's `vocab_parallel_cross_entropy`).
+  `vocab_parallel_causal_lm_loss` (megatron-core's `vocab_parallel_cross_entropy`); the loss fused with the head
+  (``model.loss_chunk_tokens``) reduces its softmax statistics over the TP group instead.
 - attention: q/k/v column-parallel by whole heads, o_proj row-parallel. SwiGLU: gate/up column, down row.
 - MoE: every expert split over its hidden size (w1/w3 dim 1, w2 dim 2: Megatron's expert TP); router replicated.
 - Mamba: split over d_inner. in_proj column-parallel; its local weight is [2, d_inner/tp, D] (this rank's channels
@@ -57,9 +58,10 @@ from torch import Tensor, nn
 
 from model.attention import Attention
 from model.config import ConfigError
+from model.loss import IGNORE_INDEX, linear_cross_entropy
 from model.mamba import MambaMixer
 from model.moe import MoE
-from model.transformer import IGNORE_INDEX, Transformer
+from model.transformer import Transformer
 from train.parallel.shard import SHARD_ATTR, mark_shard
 
 # Attributes a sliced parameter gets anew (everything else, e.g. EP's ``allreduce``/``group_name`` or Mamba's
@@ -201,6 +203,20 @@ class _ColumnParallelLinear(_NoExtraState, ColumnParallelLinear):
         return out if self.bias is None else out + self.bias.flatten()
 
 
+class _ColumnParallelHead(_ColumnParallelLinear):
+    """The LM head over this rank's vocabulary rows ``[vocab_start, vocab_start + V/tp)``, with the contract of
+    `model.layers.LMHead`: given labels, the cross entropy fused with the head, reduced over the TP group."""
+
+    chunk_tokens = 0
+    vocab_start = 0
+    tp_group: Any = None
+
+    def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:  # type: ignore[override]
+        if labels is None:
+            return super().forward(x)
+        return linear_cross_entropy(x, self.weight, labels, self.chunk_tokens, self.vocab_start, self.tp_group)
+
+
 class _RowParallelLinear(_NoExtraState, RowParallelLinear):
     """Returns the output only; with ``scatter_sequence`` the partial sums are reduce-scattered along T instead of
     all-reduced (megatron's own SP path needs CUDA and [T, B, D], see the mappings above)."""
@@ -281,11 +297,11 @@ def _megatron(cls: type[nn.Module], tp: _TP, like: Tensor, *args: Any, **kwargs:
     return layer
 
 
-def _column(linear: nn.Linear, tp: _TP, halves: int = 1) -> _ColumnParallelLinear:
+def _column(linear: nn.Linear, tp: _TP, halves: int = 1, cls: type = _ColumnParallelLinear) -> _ColumnParallelLinear:
     """Column-parallel copy of ``linear``; with ``halves`` > 1 its output is that many concatenated blocks and
     this rank keeps its part of each."""
     out_f, in_f = linear.weight.shape
-    layer = _megatron(_ColumnParallelLinear, tp, linear.weight, in_f, out_f, bias=linear.bias is not None,
+    layer = _megatron(cls, tp, linear.weight, in_f, out_f, bias=linear.bias is not None,
                       skip_bias_add=True, disable_grad_reduce=True)
     dim = 0 if halves == 1 else 1
     layer.weight = _shard(linear.weight if halves == 1 else linear.weight.view(halves, -1, in_f), dim, tp)
@@ -410,7 +426,9 @@ def apply_tensor_parallel(model: Transformer, tp_group: Any, tp_rank: int, tp: i
     embed = _megatron(_VocabParallelEmbedding, ctx, model.embed.weight, cfg.vocab_size, cfg.d_model)
     embed.weight = _shard(model.embed.weight, 0, ctx)
     embed.scatter_sequence = sequence_parallel
-    head = _column(model.lm_head, ctx)
+    head = _column(model.lm_head, ctx, cls=_ColumnParallelHead)
+    head.chunk_tokens, head.tp_group = model.lm_head.chunk_tokens, tp_group
+    head.vocab_start = tp_rank * (cfg.vocab_size // tp)
     if cfg.tie_embeddings:
         head.weight = embed.weight
     model.embed, model.lm_head = embed, head
