@@ -82,7 +82,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.ndim >= 2 and not name.endswith("A_log") else no_decay).append(p)
+        ndim = len(getattr(p, "ds_shape", p.shape))  # a ZeRO-3 parameter holds a flat partition
+        (decay if ndim >= 2 and not name.endswith("A_log") else no_decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -124,7 +125,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig) -> torch.o
 
 
 def deepspeed_config(cfg: RunConfig, precision: str) -> dict[str, Any]:
-    zero: dict[str, Any] = {"stage": cfg.parallel.zero_stage}
+    """Communication buckets sized from the model (`train.memory.zero_buckets`), not DeepSpeed's defaults."""
+    from train.memory import zero_buckets
+
+    stage = cfg.parallel.zero_stage
+    zero: dict[str, Any] = {"stage": stage, **zero_buckets(cfg.model).deepspeed(stage)}
     return {
         "train_batch_size": cfg.train.global_batch_size,
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,

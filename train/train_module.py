@@ -233,7 +233,8 @@ def build_train_module(cfg: RunConfig, groups: ParallelGroups, precision: str, d
     """The single-device model with this layout's parallelism applied (experts split over the EP group, then
     everything over the TP group), in the engine that steps it."""
     layout = groups.layout
-    model = build_parallel_model(cfg, groups)  # never the whole model on a rank when tp, pp or ep > 1
+    # Never the whole model on a rank when tp, pp or ep > 1 or under ZeRO-3 (partitioned as it is generated).
+    model = build_parallel_model(cfg, groups, deepspeed_config(cfg, precision))
     if cfg.train.compile:
         compile_blocks(model)
     extra: dict[str, Any] = {}
