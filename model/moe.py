@@ -9,9 +9,11 @@ renormalised over the k picks (``moe_renormalize``; Jamba skips it). Losses per 
   ``load_balancing_loss_func`` counts tokens rather than slots, so its value is ``k`` times this.
 * router z-loss: ``mean(logsumexp(logits)^2)``.
 
-Experts run on token slots sorted by expert, each on one contiguous slice: dropless by default;
-with ``capacity_factor`` each expert keeps its first ``ceil(capacity_factor * tokens * k / E)``
-slots in token order and the rest contribute zero (the block's residual carries those tokens).
+Experts run on token slots sorted by expert, each on one contiguous slice: dropless by default; with
+``capacity_factor`` each expert keeps its first ``ceil(capacity_factor * tokens * k / E)`` slots in token order and
+the rest contribute zero (the block's residual carries those tokens; they are sorted behind every expert's slots).
+All experts run as one grouped GEMM per projection (``torch._grouped_mm``) wherever torch has one for the device and
+dtype; no shape depends on the routing, so there neither forward nor backward reads anything back to the host.
 """
 
 from __future__ import annotations
@@ -21,18 +23,37 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.flop_counter import flop_registry, register_flop_formula
 
 from model.config import ConfigError, ModelConfig
 
 
-def _grouped_mm_usable(x: Tensor) -> bool:
-    """torch's grouped GEMM: CUDA, bf16, Hopper or newer (its CPU backward fails in torch 2.13)."""
-    return (
-        hasattr(torch, "_grouped_mm")
-        and x.is_cuda
-        and x.dtype == torch.bfloat16
-        and torch.cuda.get_device_capability(x.device) >= (9, 0)
-    )
+def _grouped_mm_usable(rows: Tensor, *weights: Tensor) -> bool:
+    """Whether ``torch._grouped_mm`` takes ``rows`` [S, D] against ``weights`` [E, *, D] in ``rows``' dtype.
+
+    CUDA: bf16 on Hopper or newer. CPU (torch 2.13): fp32 / bf16 / fp16, forward and backward, when every row is a
+    multiple of 16 bytes; torch's shape function for compilation accepts bf16 only, so compiled fp32 takes the loop.
+    """
+    if not hasattr(torch, "_grouped_mm") or any(w.dtype != rows.dtype for w in weights):
+        return False
+    if rows.is_cuda:
+        return rows.dtype == torch.bfloat16 and torch.cuda.get_device_capability(rows.device) >= (9, 0)
+    if rows.device.type != "cpu" or rows.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    if rows.dtype != torch.bfloat16 and torch.compiler.is_compiling():
+        return False
+    per_16_bytes = 16 // rows.element_size()
+    return all(w.shape[1] % per_16_bytes == 0 and w.shape[2] % per_16_bytes == 0 for w in weights)
+
+
+if torch.ops.aten._grouped_mm not in flop_registry:  # torch 2.13's FLOP counter would count the experts as free
+
+    @register_flop_formula(torch.ops.aten._grouped_mm)
+    def _grouped_mm_flops(a_shape: tuple[int, ...], b_shape: tuple[int, ...], *args, **kwargs) -> int:
+        """2 x multiply-adds of all groups together: [M, K] x [G, K, N], [M, K] x [K, N] split along K, or a bmm."""
+        if len(a_shape) == 3 and len(b_shape) == 2:  # [G, M, K] x [K, N] split along N
+            return 2 * a_shape[1] * a_shape[2] * b_shape[1]
+        return 2 * math.prod(a_shape) * b_shape[-1]
 
 
 def _recomputing() -> bool:
@@ -110,8 +131,10 @@ class MoE(nn.Module):
             weights = weights / weights.sum(dim=-1, keepdim=True)
 
         slot_expert = experts.reshape(-1)  # slot s = token s // k, its (s % k)-th choice: token order
-        routed = torch.bincount(slot_expert, minlength=self.num_experts)
-        load = routed.float() / slot_expert.numel()
+        num_slots = slot_expert.numel()
+        # Counted by scatter rather than bincount, which reads the largest index back to the host on CUDA.
+        routed = slot_expert.new_zeros(self.num_experts).index_add_(0, slot_expert, torch.ones_like(slot_expert))
+        load = routed.float() / num_slots
         lb_loss = self.num_experts * (load * probs.mean(dim=0)).sum()
         z_loss = torch.logsumexp(logits, dim=-1).square().mean()
 
@@ -120,14 +143,23 @@ class MoE(nn.Module):
         kept = routed
         capacity = self.capacity(num_tokens)
         if capacity is not None:
+            sorted_expert = slot_expert[order]
             group_start = torch.cumsum(routed, 0) - routed
-            rank_in_expert = torch.arange(order.numel(), device=x.device) - group_start[slot_expert[order]]
-            order = order[rank_in_expert < capacity]
+            rank_in_expert = torch.arange(num_slots, device=x.device) - group_start[sorted_expert]
+            # Dropped slots move behind every expert's rows (key E), so all shapes stay fixed (no host sync).
+            overflow = torch.where(rank_in_expert < capacity, sorted_expert, self.num_experts)
+            order = order[torch.argsort(overflow, stable=True)]
             kept = routed.clamp(max=capacity)
-        dropped_fraction = 1.0 - kept.sum().float() / slot_expert.numel()
+        dropped_fraction = 1.0 - kept.sum().float() / num_slots
 
         token_of_slot = order // k
-        expert_out = self._run_experts(tokens[token_of_slot], kept)
+        grouped = tokens.index_select(0, token_of_slot)
+        if capacity is not None:  # the experts leave the outputs and input gradients of dropped rows unspecified
+            dropped = (torch.arange(num_slots, device=x.device) >= kept.sum()).unsqueeze(-1)
+            grouped = grouped.masked_fill(dropped, 0.0)
+        expert_out = self._run_experts(grouped, kept)
+        if capacity is not None:
+            expert_out = expert_out.masked_fill(dropped, 0.0)
         expert_out = expert_out * weights.reshape(-1)[order].to(x.dtype).unsqueeze(-1)
         y = torch.zeros_like(tokens).index_add_(0, token_of_slot, expert_out)
 
@@ -144,24 +176,35 @@ class MoE(nn.Module):
         return y.reshape(batch, seq_len, d_model), aux_loss
 
     def _run_experts(self, grouped: Tensor, counts: Tensor) -> Tensor:
-        """The experts on ``grouped`` [sum(counts), D], rows sorted by expert. Expert parallelism replaces this with
-        a dispatch to the ranks holding the experts, which then call ``_expert_mlp`` on the rows they receive."""
+        """The experts on ``grouped`` [S, D], rows sorted by expert: expert e's ``counts[e]`` rows follow expert
+        e-1's; rows past ``counts.sum()`` (slots over capacity) are dropped, their outputs and gradients unspecified.
+        Expert parallelism replaces this with a dispatch to the ranks holding the experts, which then call
+        ``_expert_mlp`` on the rows they receive."""
         return self._expert_mlp(grouped, counts)
 
     def _expert_mlp(self, rows: Tensor, counts: Tensor) -> Tensor:
-        """SwiGLU of each local expert on its contiguous slice of ``rows``."""
-        if _grouped_mm_usable(rows):
-            offsets = torch.cumsum(counts, 0).to(torch.int32)
-            gate = torch._grouped_mm(rows, self.w1.transpose(1, 2), offs=offsets)
-            up = torch._grouped_mm(rows, self.w3.transpose(1, 2), offs=offsets)
-            return torch._grouped_mm(F.silu(gate) * up, self.w2.transpose(1, 2), offs=offsets)
-        # A loop over experts (not tokens): E matmuls on contiguous slices. Empty slices are computed too (no
-        # cost): every expert weight stays in the graph, so a rank whose experts got no rows still joins any
-        # collective that a parallel wrapper puts around this in backward.
+        """SwiGLU of each local expert on its contiguous slice of ``rows`` (``counts``: int64 rows per expert; rows
+        past ``counts.sum()`` are not computed, their outputs and gradients unspecified). Every expert weight stays
+        in the graph, empty slices included, so a rank whose experts got no rows still joins any collective that a
+        parallel wrapper puts around this in backward."""
+        if torch.is_autocast_enabled(rows.device.type):  # what nn.Linear experts would compute in
+            dtype = torch.get_autocast_dtype(rows.device.type)
+            rows, w1, w3, w2 = (t.to(dtype) for t in (rows, self.w1, self.w3, self.w2))
+        else:
+            w1, w3, w2 = self.w1, self.w3, self.w2
+        if _grouped_mm_usable(rows, w1, w3, w2):
+            # One grouped GEMM per projection over all experts: no per-expert Python and no host sync.
+            offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+            gate = torch._grouped_mm(rows, w1.transpose(1, 2), offs=offsets)
+            up = torch._grouped_mm(rows, w3.transpose(1, 2), offs=offsets)
+            return torch._grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offsets)
+        # Where torch has no grouped GEMM (float64, CUDA before Hopper, odd sizes): one matmul per expert, which
+        # reads the counts on the host. unbind: one gradient per weight, not one zero-filled copy per expert.
+        split = counts.tolist()
         outputs = []
-        for e, part in enumerate(rows.split(counts.tolist())):
-            hidden = F.silu(part @ self.w1[e].t()) * (part @ self.w3[e].t())
-            outputs.append(hidden @ self.w2[e].t())
+        for part, gate_e, up_e, down_e in zip(rows[: sum(split)].split(split), w1.unbind(), w3.unbind(), w2.unbind()):
+            outputs.append((F.silu(part @ gate_e.t()) * (part @ up_e.t())) @ down_e.t())
+        outputs.append(rows.new_zeros(rows.shape[0] - sum(split), w2.shape[1]))
         return torch.cat(outputs)
 
     def pop_step_load(self) -> Tensor | None:

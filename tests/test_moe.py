@@ -1,5 +1,6 @@
-"""MoE layer: equality with HF Mixtral/Jamba blocks, hand-checked losses, router gradients,
-aux-loss-free balancing and capacity dropping."""
+"""MoE layer: equality with HF Mixtral/Jamba blocks and with a per-token reference (values and gradients, grouped
+GEMM and per-expert paths, capacity dropping, idle experts), hand-checked losses, router gradients, aux-loss-free
+balancing, step load statistics, and a forward/backward that compiles as one graph."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ import math
 
 import pytest
 import torch
+from functorch.compile import make_boxed_func
+from torch._dynamo.backends.common import aot_autograd
 from transformers import JambaConfig, MixtralConfig
 from transformers.models.jamba.modeling_jamba import JambaSparseMoeBlock
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock, load_balancing_loss_func
 
 from model.config import ConfigError, ModelConfig
-from model.moe import MoE
+from model.moe import MoE, _grouped_mm_usable
 
 
 def moe_config(**overrides) -> ModelConfig:
@@ -204,3 +207,151 @@ def test_bad_config_names_the_key(overrides, key):
     with pytest.raises(ConfigError) as info:
         MoE(cfg)
     assert info.value.key == key
+
+
+def per_token_reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """``moe``'s output written token by token: router softmax, top-k on probabilities plus the selection bias,
+    (renormalised) weights, then each chosen expert's SwiGLU on that token alone. With a capacity, expert e serves
+    its first ``capacity`` slots in (token, choice) order and the rest add nothing."""
+    tokens = x.reshape(-1, x.shape[-1])
+    probs = torch.softmax(tokens @ moe.router.weight.t(), dim=-1)
+    capacity = moe.capacity(tokens.shape[0])
+    served = [0] * moe.num_experts
+    out = []
+    for t, token in enumerate(tokens):
+        chosen = torch.topk(probs[t].detach() + moe.expert_bias, moe.top_k).indices.tolist()
+        weights = probs[t, chosen]
+        if moe.renormalize:
+            weights = weights / weights.sum()
+        y = torch.zeros_like(token)
+        for weight, e in zip(weights, chosen, strict=True):
+            served[e] += 1
+            if capacity is None or served[e] <= capacity:
+                hidden = torch.nn.functional.silu(moe.w1[e] @ token) * (moe.w3[e] @ token)
+                y = y + weight * (moe.w2[e] @ hidden)
+        out.append(y)
+    return torch.stack(out).reshape(x.shape)
+
+
+def grads_of(moe: MoE, x: torch.Tensor, forward, probe: torch.Tensor) -> list[torch.Tensor]:
+    moe.zero_grad(set_to_none=True)
+    leaf = x.clone().requires_grad_()
+    (forward(leaf) * probe).sum().backward()
+    return [leaf.grad] + [p.grad for p in (moe.router.weight, moe.w1, moe.w3, moe.w2)]
+
+
+def check_against_reference(moe: MoE, x: torch.Tensor, atol: float) -> None:
+    probe = torch.randn_like(x)
+    y = moe(x)[0]
+    y_ref = per_token_reference(moe, x)
+    assert torch.allclose(y, y_ref, atol=atol, rtol=0), (y - y_ref).abs().max()
+    ours = grads_of(moe, x, lambda leaf: moe(leaf)[0], probe)
+    ref = grads_of(moe, x, lambda leaf: per_token_reference(moe, leaf), probe)
+    for name, g, g_ref in zip(("x", "router", "w1", "w3", "w2"), ours, ref, strict=True):
+        assert torch.allclose(g, g_ref, atol=atol, rtol=0), (name, (g - g_ref).abs().max())
+
+
+@pytest.mark.parametrize(
+    "dtype, top_k, renormalize",
+    [(torch.float32, 2, True), (torch.float32, 1, True), (torch.float32, 3, False), (torch.float64, 2, True)],
+)
+def test_matches_per_token_reference(dtype, top_k, renormalize):
+    # float32 with rows of 16 and 32 floats runs torch's grouped GEMM; float64 the per-expert matmuls.
+    torch.manual_seed(5)
+    moe = MoE(moe_config(ffn_hidden=32, top_k=top_k, moe_renormalize=renormalize)).to(dtype)
+    x = torch.randn(2, 12, 16, dtype=dtype)
+    assert _grouped_mm_usable(x, moe.w1, moe.w3, moe.w2) == (dtype == torch.float32)
+    check_against_reference(moe, x, atol=1e-5)
+
+
+def test_experts_compute_in_the_autocast_dtype():
+    torch.manual_seed(10)
+    moe = MoE(moe_config(ffn_hidden=32))
+    x = torch.randn(2, 12, 16, requires_grad=True)
+    y = moe(x)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_bf16 = moe(x)[0]
+    y_bf16.sum().backward()
+    assert y_bf16.dtype == torch.float32 and moe.w1.grad.dtype == torch.float32
+    assert torch.allclose(y_bf16, y, atol=2e-2 * y.abs().max().item(), rtol=0)
+
+
+def test_capacity_matches_per_token_reference():
+    torch.manual_seed(6)
+    moe = MoE(moe_config(ffn_hidden=32, capacity_factor=0.5))  # 6 slots per expert for 24 tokens x 2
+    x = torch.randn(2, 12, 16)
+    check_against_reference(moe, x, atol=1e-5)
+    routed = moe.last_stats["load"] * 48
+    expected_dropped = (routed - 6).clamp(min=0).sum() / 48
+    assert expected_dropped > 0
+    assert torch.allclose(moe.last_stats["dropped_fraction"], expected_dropped)
+
+
+def test_expert_without_tokens():
+    torch.manual_seed(7)
+    moe = MoE(moe_config(ffn_hidden=32))
+    with torch.no_grad():
+        moe.expert_bias[3] = -10.0  # probabilities are < 1: expert 3 is never selected
+    x = torch.randn(2, 12, 16)
+    check_against_reference(moe, x, atol=1e-5)
+    assert moe.last_stats["load"][3] == 0
+    for w in (moe.w1, moe.w3, moe.w2):  # still in the graph, with a zero gradient
+        assert torch.equal(w.grad[3], torch.zeros_like(w.grad[3])) and w.grad[:3].abs().sum() > 0
+
+
+def test_step_load_averages_training_forwards():
+    torch.manual_seed(8)
+    moe = MoE(moe_config())
+    loads = []
+    for _ in range(2):
+        moe(torch.randn(2, 5, 16))
+        loads.append(moe.last_stats["load"])
+    moe.eval()
+    moe(torch.randn(2, 5, 16))  # evaluation forwards are not part of the step
+    assert torch.allclose(moe.pop_step_load(), (loads[0] + loads[1]) / 2)
+    assert moe.pop_step_load() is None
+
+
+def traced_graphs(moe: MoE, x: torch.Tensor) -> list[torch.fx.GraphModule]:
+    """The forward and backward graphs of ``moe`` on ``x`` as torch.compile traces them (one graph: fullgraph)."""
+    graphs = []
+
+    def keep(graph: torch.fx.GraphModule, _inputs) -> object:
+        graphs.append(graph)
+        return make_boxed_func(graph.forward)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(
+        moe, fullgraph=True, dynamic=False, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep)
+    )
+    y, aux = compiled(x.clone().requires_grad_())
+    (y.float().square().sum() + aux).backward()
+    assert len(graphs) == 2
+    return graphs
+
+
+def host_reads(graphs: list[torch.fx.GraphModule]) -> list[str]:
+    """Nodes that read a tensor's value on the host (``.item()``, ``.tolist()``) or whose shape depends on data."""
+    found = []
+    for graph in graphs:
+        for node in graph.graph.nodes:
+            value = node.meta.get("val")
+            shape = value.shape if isinstance(value, torch.Tensor) else ()
+            if node.target is torch.ops.aten._local_scalar_dense.default or not all(isinstance(n, int) for n in shape):
+                found.append(node.format_node())
+    return found
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 0.5])
+def test_forward_and_backward_read_nothing_on_the_host(capacity_factor):
+    """Traced with static shapes, the grouped-GEMM forward and backward hold no host read and no shape that depends
+    on routing, so nothing waits for the device. bf16: torch's shape function for ``_grouped_mm`` takes only bf16.
+    Evaluation mode: the training-only step-load bookkeeping asks autograd in Python whether it runs inside a
+    recomputation, which the tracer cannot follow (no tensor is read there)."""
+    torch.manual_seed(9)
+    moe = MoE(moe_config(ffn_hidden=32, capacity_factor=capacity_factor)).to(torch.bfloat16).eval()
+    graphs = traced_graphs(moe, torch.randn(2, 12, 16, dtype=torch.bfloat16))
+    assert any(node.target is torch.ops.aten._grouped_mm.default for g in graphs for node in g.graph.nodes)
+    assert host_reads(graphs) == []
+    # The same check sees the per-expert path read the counts.
+    assert host_reads(traced_graphs(moe.double(), torch.randn(2, 12, 16, dtype=torch.float64)))

@@ -93,7 +93,8 @@ class ExpertParallelMoE(MoE):
         dist.all_to_all_single(recv_counts, send_counts, group=self.ep_group)
         in_splits = send_counts.sum(1).tolist()
         out_splits = recv_counts.sum(1).tolist()
-        received = all_to_all(grouped, out_splits, in_splits, self.ep_group)
+        num_sent = sum(in_splits)  # rows past it are slots over capacity: not sent, outputs unspecified
+        received = all_to_all(grouped[:num_sent], out_splits, in_splits, self.ep_group)
 
         # Received rows are ordered (source, local expert): regroup by local expert, sources in rank order.
         expert_of_row = torch.arange(local, device=grouped.device).repeat(ep).repeat_interleave(recv_counts.reshape(-1))
@@ -101,7 +102,8 @@ class ExpertParallelMoE(MoE):
         out = self._expert_mlp(received[order], recv_counts.sum(0))
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
-        return all_to_all(out[inverse], in_splits, out_splits, self.ep_group)
+        returned = all_to_all(out[inverse], in_splits, out_splits, self.ep_group)
+        return torch.cat([returned, returned.new_zeros(grouped.shape[0] - num_sent, returned.shape[1])])
 
 
 def shard_moe(moe: MoE, groups: ParallelGroups) -> ExpertParallelMoE:
