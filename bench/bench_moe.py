@@ -2,6 +2,11 @@
 
     .venv/bin/python bench/bench_moe.py
     .venv/bin/python bench/bench_moe.py --shapes 256,512,8,2,4,256 --repeats 30 --threads 2
+    MALLOC_MMAP_THRESHOLD_=268435456 MALLOC_TRIM_THRESHOLD_=1073741824 .venv/bin/python bench/bench_moe.py
+
+The last line keeps glibc from handing large freed blocks back to the system: otherwise every step page-faults
+in fresh pages for the grouped path's whole-batch intermediates (thousands of faults per step, several ms), while
+the per-expert blocks of the loops are reused from the heap.
 
 Each shape is d_model,ffn_hidden,experts,top_k,batch,seq. Both layers get the same weights (the names of
 `model.convert`: router = gate, w1/w3/w2 = experts.{e}.w1/w3/w2); the outputs and input gradients are checked
