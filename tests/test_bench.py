@@ -1,0 +1,38 @@
+"""The benchmark scripts run end to end on CPU (their dry modes), so they keep up with the code they measure."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import yaml
+
+from bench import gpu
+from tests.utils import REPO
+
+
+def test_gpu_bench_dry_run_trains_every_family(tmp_path):
+    out = tmp_path / "rows.json"
+    rows = gpu.main(["--dry", "--json", str(out)])
+    assert [r["config"] for r in rows] == [c.label for c in gpu.DRY_CONFIGS]
+    for row in rows:
+        assert row["status"] == "ok", row
+        assert math.isfinite(row["tokens_per_s"]) and row["tokens_per_s"] > 0, row
+        assert math.isfinite(row["loss"]) and 0 < row["loss"] < 2 * math.log(8000), row
+        assert 0 < row["mfu"] < 1 and row["params_active"] <= row["params_total"], row
+    written = json.loads(out.read_text())
+    assert written["rows"] == rows and written["machine"]["device"] == "cpu"
+
+
+def test_gpu_bench_configs_are_valid_and_the_moe_matches_dense_active_size():
+    configs = {c.label: gpu.model_config(c) for c in gpu.CONFIGS}
+    assert {cfg.family for cfg in configs.values()} == {"dense", "moe", "hybrid"}
+    dense, moe = (gpu.describe(c, configs[c.label]) for c in gpu.CONFIGS[:2])
+    assert moe["params_active"] == pytest.approx(dense["params_active"], rel=0.01)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "conf" / "model").glob("*.yaml")), ids=lambda p: p.stem)
+def test_fallback_yaml_parser_reads_model_configs_as_pyyaml_does(path):
+    assert gpu.parse_flat_yaml(path.read_text()) == yaml.safe_load(path.read_text())
+
