@@ -36,3 +36,13 @@ def test_gpu_bench_configs_are_valid_and_the_moe_matches_dense_active_size():
 def test_fallback_yaml_parser_reads_model_configs_as_pyyaml_does(path):
     assert gpu.parse_flat_yaml(path.read_text()) == yaml.safe_load(path.read_text())
 
+
+def test_data_bench_measures_the_training_loader(sample_data):
+    from bench import bench_data
+
+    rows = bench_data.main(
+        ["--data", "sample", "--shapes", "2x64", "--repeats", "1", "--seconds", "0.05", "--workers", "0"]
+    )
+    assert len(rows) == 1 and rows[0]["seq_len"] == 64
+    for key in ("batch_tokens_per_s", "iter_tokens_per_s", "dense_1b_h100_tokens_per_s"):
+        assert math.isfinite(rows[0][key]) and rows[0][key] > 0, key
