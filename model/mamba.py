@@ -8,7 +8,7 @@ Three implementations of the selective scan share the ``mamba_ssm`` calling conv
 (u, delta, z: [B, d_inner, T]; A: [d_inner, N]; B, C: [B, N, T]; D, delta_bias: [d_inner]):
 
 * ``selective_scan_ref``: a plain loop over time, the test oracle.
-* ``selective_scan_chunked``: the fast pure-PyTorch path (see ``_scan`` and ``_SelectiveScanCore``).
+* ``selective_scan_chunked``: the fast pure-PyTorch path (see ``_SelectiveScanCore``).
 * ``selective_scan``: ``mamba_ssm``'s CUDA kernel when it is importable and the tensors are
   on a GPU, else the chunked path.
 """
@@ -16,7 +16,6 @@ Three implementations of the selective scan share the ``mamba_ssm`` calling conv
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 from collections.abc import Callable
 
@@ -29,6 +28,11 @@ from model.layers import RMSNorm
 
 # dt initialisation range of Mamba / Jamba: dt ~ log-uniform in [DT_MIN, DT_MAX].
 DT_MIN, DT_MAX, DT_INIT_FLOOR = 1e-3, 1e-1, 1e-4
+# exp(x) = 2^(x * log2(e)): on CPU exp2 is several times cheaper than exp.
+LOG2_E = math.log2(math.e)
+# Most elements in one of the scan's state-sized chunk buffers ([batch, chunk, N, d_inner], 2 MiB in float32): the
+# three buffers of the backward must stay in cache, so wide or large-batch inputs get chunks shorter than asked for.
+CHUNK_ELEMENTS = 2**19
 
 
 # --------------------------------------------------------------------------- scans
@@ -107,125 +111,102 @@ def selective_scan_ref(
     return _skip_and_gate(y, u, D, z, u.dtype)
 
 
-def _scan_steps(a: Tensor, x: Tensor, out: Tensor, state: Tensor | None, reverse: bool) -> Tensor | None:
-    """Plain step-by-step recurrence along dim 0 (used for the tail shorter than one chunk)."""
-    for t in range(x.shape[0] - 1, -1, -1) if reverse else range(x.shape[0]):
-        if state is None:
-            out[t].copy_(x[t])
-        else:
-            torch.addcmul(x[t], a[t], state, out=out[t])
-        state = out[t]
-    return state
-
-
-def _scan_chunked_body(a: Tensor, x: Tensor, out: Tensor, chunk: int, state: Tensor | None, reverse: bool) -> None:
-    """The recurrence on a length that is a multiple of ``chunk``, in chunk + T / chunk Python steps.
-
-    (1) every chunk's end state from a zero start and its total decay, all chunks at once;
-    (2) the state entering each chunk, one chunk at a time; (3) the exact states, all chunks
-    at once again, each chunk starting from its entering state.
-    """
-    n_chunks = x.shape[0] // chunk
-    a3, x3, h3 = (t.reshape(n_chunks, chunk, *t.shape[1:]) for t in (a, x, out))
-    order = list(range(chunk - 1, -1, -1)) if reverse else list(range(chunk))
-    chunk_order = list(range(n_chunks - 1, -1, -1)) if reverse else list(range(n_chunks))
-    entering = torch.zeros_like(x3[:, 0])
-    if state is not None:
-        entering[chunk_order[0]] = state
-    if n_chunks > 1:  # with one chunk, the entering state is just ``state``
-        end_state, spare = x3[:, order[0]].clone(), torch.empty_like(x3[:, 0])
-        total_decay = a3[:, order[0]].clone()
-        for t in order[1:]:
-            torch.addcmul(x3[:, t], a3[:, t], end_state, out=spare)
-            end_state, spare = spare, end_state
-            total_decay.mul_(a3[:, t])
-        for prev, c in itertools.pairwise(chunk_order):
-            torch.addcmul(end_state[prev], total_decay[prev], entering[prev], out=entering[c])
-
-    prev_state = entering
-    for t in order:
-        torch.addcmul(x3[:, t], a3[:, t], prev_state, out=h3[:, t])
-        prev_state = h3[:, t]
-
-
-@torch.no_grad()
-def _scan(
-    a: Tensor, x: Tensor, chunk_size: int, reverse: bool = False, state: Tensor | None = None, out: Tensor | None = None
-) -> Tensor:
-    """Linear recurrence along dim 0, without autograd.
-
-    forward: h_t = a_t * h_{t-1} + x_t;  reverse: h_t = a_t * h_{t+1} + x_t;  ``state`` is the
-    state just outside the sequence (zero if None).
-
-    Why not the masked segsum-matmul of Mamba-2: Mamba-1 decays differ per (channel, state),
-    so the [chunk, chunk] decay matrix is not shared and costs chunk_size times more exps and
-    memory than this O(T) two-level loop. Why not a cumsum of log-decays: exp(-cumsum) overflows
-    on long or fast-decaying chunks. Here decays are a = exp(delta * A) in (0, 1] and are only
-    multiplied together, which can underflow towards 0 (the exact limit) but never overflow.
-    Time is the leading dim so every step reads and writes contiguous blocks. ``out`` may be ``x``
-    itself (each step reads x_t before writing h_t there): no state-sized allocation at all.
-    """
-    h = torch.empty_like(x) if out is None else out
-    seq_len = x.shape[0]
-    chunk = max(1, min(chunk_size, seq_len))
-    body = (seq_len // chunk) * chunk
-    if reverse:  # the tail comes first, then feeds the chunked body
-        state = _scan_steps(a[body:], x[body:], h[body:], state, reverse=True)
-        if body:
-            _scan_chunked_body(a[:body], x[:body], h[:body], chunk, state, reverse=True)
-    else:
-        if body:
-            _scan_chunked_body(a[:body], x[:body], h[:body], chunk, state, reverse=False)
-            state = h[body - 1]
-        _scan_steps(a[body:], x[body:], h[body:], state, reverse=False)
-    return h
+def _chunk_states(
+    delta: Tensor, A2_t: Tensor, du: Tensor, B: Tensor, entering: Tensor, decay: Tensor, h: Tensor
+) -> None:
+    """The decays a_t = exp(delta_t * A) and states h_t = a_t * h_{t-1} + du_t * B_t of one chunk, written into
+    ``decay`` and ``h`` ([batch, L, N, d_inner]); ``entering`` is the state before the chunk's first step."""
+    torch.exp2(torch.mul(delta.unsqueeze(2), A2_t, out=decay), out=decay)  # 2^(log2-decay <= 0): in (0, 1]
+    torch.mul(du.unsqueeze(2), B.unsqueeze(3), out=h)  # the inputs x_t, turned into the states in place
+    prev = entering
+    for a_t, h_t in zip(decay.unbind(1), h.unbind(1), strict=True):
+        h_t.addcmul_(a_t, prev)
+        prev = h_t
 
 
 class _SelectiveScanCore(torch.autograd.Function):
-    """y_t = <h_t, C_t> with h_t = exp(delta_t * A) * h_{t-1} + du_t * B_t, time-major, hand-written backward.
+    """y_t = <h_t, C_t> with h_t = exp(delta_t * A) * h_{t-1} + du_t * B_t, hand-written backward.
 
-    Shapes: delta, du [T, batch, d_inner]; A [d_inner, N]; B, C [T, batch, N] -> y [T, batch, d_inner].
-    Fusing the decay, input and output contractions into one autograd node keeps only two state-sized
-    tensors (decays and states) for backward and allocates two more in backward, where autograd over
-    the same ops would allocate about eight; fresh state-sized allocations dominate the CPU time. The
-    backward is the same two-level recurrence run right to left: g_t = dL/dh_t + a_{t+1} g_{t+1}.
+    Shapes: delta, du [batch, T, d_inner]; A [d_inner, N]; B, C [batch, T, N] -> y [batch, T, d_inner].
+    Time runs in chunks of at most ``chunk_size`` steps (fewer when a chunk would exceed ``CHUNK_ELEMENTS``). The
+    state-sized tensors ([batch, chunk, N, d_inner], channels innermost so that every step and every broadcast
+    reads contiguous rows) exist for one chunk at a time, in buffers reused from chunk to chunk; only the state
+    entering each chunk is kept for backward, which recomputes the chunk's decays and states from it (as
+    mamba_ssm's kernel does). So memory is O(T / chunk + chunk) states and the working set stays in cache at any
+    T: time and memory are linear in T. Within a chunk the recurrence is one in-place step per time index: on a
+    CPU a step is an elementwise pass over batch * N * d_inner numbers, and a two-level (parallel) scan would
+    about triple those passes to save Python steps. The backward runs the recurrence right to left,
+    g_t = dL/dh_t + a_{t+1} g_{t+1}, then contracts g with the chunk's inputs.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx, delta: Tensor, A: Tensor, du: Tensor, B: Tensor, C: Tensor, chunk_size: int
     ) -> Tensor:
-        seq_len, batch, d_inner = delta.shape
+        batch, seq_len, d_inner = delta.shape
         n = A.shape[1]
-        decay = (delta.unsqueeze(-1) * A).exp_()  # exp of a log-decay <= 0: in (0, 1]
-        h = du.unsqueeze(-1) * B.unsqueeze(2)  # the inputs x_t, turned into the states in place
-        _scan(decay, h, chunk_size, out=h)
-        y = torch.bmm(h.view(seq_len * batch, d_inner, n), C.reshape(seq_len * batch, n, 1))
-        ctx.save_for_backward(delta, A, du, B, C, decay, h)
-        ctx.chunk_size = chunk_size
-        return y.view(seq_len, batch, d_inner)
+        chunk = max(1, min(chunk_size, seq_len, CHUNK_ELEMENTS // max(1, batch * n * d_inner)))
+        A2_t = A.t().contiguous() * LOG2_E
+        starts = range(0, seq_len, chunk)
+        entering = delta.new_zeros(len(starts), batch, n, d_inner)
+        decay, h = (delta.new_empty(batch * chunk * n * d_inner) for _ in range(2))
+        y = delta.new_empty(batch, seq_len, d_inner)
+        h_k = None
+        for k, t0 in enumerate(starts):
+            t1 = min(t0 + chunk, seq_len)
+            if h_k is not None:
+                entering[k] = h_k[:, -1]
+            decay_k, h_k = (
+                buf[: batch * (t1 - t0) * n * d_inner].view(batch, t1 - t0, n, d_inner) for buf in (decay, h)
+            )
+            _chunk_states(delta[:, t0:t1], A2_t, du[:, t0:t1], B[:, t0:t1], entering[k], decay_k, h_k)
+            y[:, t0:t1] = torch.matmul(C[:, t0:t1].unsqueeze(2), h_k).squeeze(2)
+        ctx.save_for_backward(delta, A, du, B, C, entering)
+        ctx.chunk = chunk
+        return y
 
     @staticmethod
     def backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        delta, A, du, B, C, decay, h = ctx.saved_tensors
-        seq_len, batch, d_inner = delta.shape
-        n, rows = A.shape[1], seq_len * batch
-        grad_y = grad_y.contiguous()
-        grad_C = torch.bmm(grad_y.view(rows, 1, d_inner), h.view(rows, d_inner, n)).view(seq_len, batch, n)
-        g = grad_y.unsqueeze(-1) * C.unsqueeze(2)  # dL/dh_t, turned into dL/dx_t in place
-        if seq_len > 1:  # position t takes a_{t+1} times the gradient of position t+1
-            _scan(decay[1:], g[:-1], ctx.chunk_size, reverse=True, state=g[-1], out=g[:-1])
-        grad_B = torch.bmm(du.view(rows, 1, d_inner), g.view(rows, d_inner, n)).view(seq_len, batch, n)
-        grad_du = torch.bmm(g.view(rows, d_inner, n), B.reshape(rows, n, 1)).view(seq_len, batch, d_inner)
-        # dL/d(delta_t * A) = g_t * h_{t-1} * a_t, in place of g (a_0 multiplies the zero initial state).
-        g[1:] *= h[:-1]
-        g[1:] *= decay[1:]
-        g[0] = 0.0
-        # sum over (t, batch) per channel as d small matmuls on strided views (einsum would copy g first)
-        grad_A = torch.bmm(delta.view(rows, d_inner).t().unsqueeze(1), g.view(rows, d_inner, n).transpose(0, 1))
-        grad_A = grad_A.view(d_inner, n)
-        grad_delta = g.mul_(A).sum(-1)
-        return grad_delta, grad_A, grad_du, grad_B, grad_C, None
+        delta, A, du, B, C, entering = ctx.saved_tensors
+        batch, seq_len, d_inner = delta.shape
+        n, chunk = A.shape[1], ctx.chunk
+        A_t = A.t().contiguous()
+        A2_t = A_t * LOG2_E
+        grad_delta, grad_du = torch.empty_like(delta), torch.empty_like(du)
+        grad_B, grad_C = torch.empty_like(B), torch.empty_like(C)
+        grad_A_t = A_t.new_zeros(n, d_inner)
+        decay, h, g = (delta.new_empty(batch * chunk * n * d_inner) for _ in range(3))
+        carry = None  # a_{t1} * g_{t1}: what the chunk after this one passes back to its last step
+        for k, t0 in reversed(list(enumerate(range(0, seq_len, chunk)))):
+            t1 = min(t0 + chunk, seq_len)
+            steps = t1 - t0
+            decay_k, h_k, g_k = (
+                buf[: batch * steps * n * d_inner].view(batch, steps, n, d_inner) for buf in (decay, h, g)
+            )
+            _chunk_states(delta[:, t0:t1], A2_t, du[:, t0:t1], B[:, t0:t1], entering[k], decay_k, h_k)
+            gy = grad_y[:, t0:t1].unsqueeze(2)  # [batch, L, 1, d_inner]
+            torch.mul(gy, C[:, t0:t1].unsqueeze(3), out=g_k)  # dL/dh_t through y_t
+            g_steps, a_steps = g_k.unbind(1), decay_k.unbind(1)
+            if carry is not None:
+                g_steps[-1].add_(carry)
+            for t in range(steps - 2, -1, -1):
+                g_steps[t].addcmul_(a_steps[t + 1], g_steps[t + 1])
+            carry = a_steps[0] * g_steps[0]
+            grad_C[:, t0:t1] = torch.matmul(gy, h_k.transpose(2, 3)).squeeze(2)
+            grad_B[:, t0:t1] = torch.matmul(du[:, t0:t1].unsqueeze(2), g_k.transpose(2, 3)).squeeze(2)
+            grad_du[:, t0:t1] = torch.matmul(B[:, t0:t1].unsqueeze(2), g_k).squeeze(2)
+            # dL/d(delta_t * A) = g_t * a_t * h_{t-1}, in place of g; the decays' buffer then holds it times delta
+            g_k.mul_(decay_k)
+            g_k[:, 1:].mul_(h_k[:, :-1])
+            g_k[:, 0].mul_(entering[k])
+            grad_A_t += torch.mul(g_k, delta[:, t0:t1].unsqueeze(2), out=decay_k).sum((0, 1))
+            grad_delta[:, t0:t1] = g_k.mul_(A_t).sum(2)
+        return grad_delta, grad_A_t.t(), grad_du, grad_B, grad_C, None
+
+
+@torch.compiler.disable  # traced, the per-step loops would unroll into a graph of thousands of ops (minutes to compile)
+def _run_scan_core(delta: Tensor, A: Tensor, du: Tensor, B: Tensor, C: Tensor, chunk_size: int) -> Tensor:
+    return _SelectiveScanCore.apply(delta, A, du, B, C, chunk_size)
 
 
 def selective_scan_chunked(
@@ -240,22 +221,20 @@ def selective_scan_chunked(
     delta_softplus: bool = False,
     chunk_size: int = 64,
 ) -> Tensor:
-    """Same result as ``selective_scan_ref`` (float32 inside) in about 2 * chunk_size + T / chunk_size steps."""
+    """Same result as ``selective_scan_ref`` (float32 inside), in time and memory linear in T (see the core)."""
     _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
     if chunk_size < 1:
         raise ValueError(f"selective scan: chunk_size must be >= 1, got {chunk_size}")
     if u.shape[-1] == 0:
         return u.new_zeros(u.shape)
     delta = _discretize(delta, delta_bias, delta_softplus)
-    # Time-major [T, batch, ...] so that each step of the recurrence is one contiguous block and the
-    # contractions with B and C are batched matmuls. Made contiguous while small: elementwise ops lay
-    # their output out like their inputs, and a strided state would make every step slow.
-    delta_tm = delta.permute(2, 0, 1).contiguous()
-    du = delta_tm * u.float().permute(2, 0, 1)
-    B_tm = B.float().permute(2, 0, 1).contiguous()
-    C_tm = C.float().permute(2, 0, 1).contiguous()
-    y = _SelectiveScanCore.apply(delta_tm, A.float().contiguous(), du, B_tm, C_tm, chunk_size)
-    return _skip_and_gate(y.permute(1, 2, 0), u, D, z, u.dtype)
+    # The core runs channels-last ([batch, T, ...]); these transposes are free when the caller's [batch, d, T]
+    # tensors are themselves transposed views of [batch, T, d] ones, as the mixer's are.
+    delta_cl = delta.transpose(1, 2).contiguous()
+    du = (delta_cl * u.float().transpose(1, 2)).contiguous()
+    B_cl, C_cl = (t.float().transpose(1, 2).contiguous() for t in (B, C))
+    y = _run_scan_core(delta_cl, A.float(), du, B_cl, C_cl, chunk_size)
+    return _skip_and_gate(y.transpose(1, 2), u, D, z, u.dtype)
 
 
 @functools.cache
@@ -343,24 +322,35 @@ class MambaMixer(nn.Module):
         for norm in (self.dt_layernorm, self.b_layernorm, self.c_layernorm):
             norm.weight.fill_(1.0)
 
+    def _causal_conv(self, x: Tensor) -> Tensor:
+        """Depthwise causal conv1d of [batch, T, d_inner] -> [batch, T, d_inner], channels-last on both sides: run
+        as a conv2d over a [batch, d_inner, 1, T] view in channels_last memory format, which oneDNN takes as is."""
+        weight, seq_len = self.conv1d.weight, x.shape[1]
+        x = x.transpose(1, 2).unsqueeze(2).contiguous(memory_format=torch.channels_last)
+        out = F.conv2d(x, weight.unsqueeze(2), self.conv1d.bias, padding=(0, self.d_conv - 1), groups=weight.shape[0])
+        return out[..., :seq_len].squeeze(2).transpose(1, 2)  # causal: drop the right padding
+
     def forward(self, x: Tensor) -> Tensor:
-        """[batch, T, d_model] -> [batch, T, d_model]; training path, no inference cache."""
-        seq_len = x.shape[1]
-        hidden, gate = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)  # each [B, d_inner, T]
-        hidden = F.silu(self.conv1d(hidden)[..., :seq_len])  # causal: drop the right padding
-        dt, B, C = torch.split(self.x_proj(hidden.transpose(1, 2)), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        """[batch, T, d_model] -> [batch, T, d_model]; training path, no inference cache.
+
+        Activations stay [batch, T, channels] throughout (the projections' natural layout); the scan is handed
+        [batch, channels, T] views of them, as its convention asks, without copies.
+        """
+        hidden, gate = self.in_proj(x).chunk(2, dim=-1)  # each [B, T, d_inner]
+        hidden = F.silu(self._causal_conv(hidden))
+        dt, B, C = torch.split(self.x_proj(hidden), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
         # dt_proj's bias goes in as delta_bias (before the softplus), as the fused kernel expects.
-        delta = F.linear(dt, self.dt_proj.weight).transpose(1, 2)
+        delta = F.linear(dt, self.dt_proj.weight)
         A = -torch.exp(self.A_log.float())
         y = selective_scan(
-            hidden,
-            delta,
+            hidden.transpose(1, 2),
+            delta.transpose(1, 2),
             A,
             B.transpose(1, 2),
             C.transpose(1, 2),
             self.D.float(),
-            gate,
+            gate.transpose(1, 2),
             delta_bias=self.dt_proj.bias.float(),
             delta_softplus=True,
             chunk_size=self.chunk_size,

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from transformers import JambaConfig
 from transformers.models.jamba.modeling_jamba import JambaMambaMixer
 
+from model import mamba
 from model.config import ModelConfig
 from model.mamba import (
     DT_MAX,
@@ -77,11 +78,11 @@ def test_scan_core_backward_gradcheck():
     # The hand-written backward against finite differences, in float64, with a tail after 5 chunks of 4.
     g = torch.Generator().manual_seed(5)
     seq_len, batch, d_inner, n = 23, 2, 3, 2
-    delta = torch.rand(seq_len, batch, d_inner, generator=g, dtype=torch.float64)
+    delta = torch.rand(batch, seq_len, d_inner, generator=g, dtype=torch.float64)
     A = -2 * torch.rand(d_inner, n, generator=g, dtype=torch.float64)
-    du = torch.randn(seq_len, batch, d_inner, generator=g, dtype=torch.float64)
-    B = torch.randn(seq_len, batch, n, generator=g, dtype=torch.float64)
-    C = torch.randn(seq_len, batch, n, generator=g, dtype=torch.float64)
+    du = torch.randn(batch, seq_len, d_inner, generator=g, dtype=torch.float64)
+    B = torch.randn(batch, seq_len, n, generator=g, dtype=torch.float64)
+    C = torch.randn(batch, seq_len, n, generator=g, dtype=torch.float64)
     inputs = tuple(t.requires_grad_() for t in (delta, A, du, B, C))
     assert torch.autograd.gradcheck(lambda *args: _SelectiveScanCore.apply(*args, 4), inputs)
 
@@ -100,6 +101,43 @@ def test_chunked_scan_is_stable_with_extreme_decays():
     assert_close_to_scale(y_fast, y_ref, "output")
     for name in NAMES:
         assert_close_to_scale(g_fast[name], g_ref[name], f"grad {name}")
+
+
+def test_chunked_scan_matches_reference_at_long_length():
+    # 3000 steps at tiny width: 46 full chunks and a tail, states carried across every chunk boundary both ways.
+    inputs = scan_inputs(1, 3, 2, 3000, seed=11)
+    probe = torch.randn(1, 3, 3000, generator=torch.Generator().manual_seed(3))
+    y_ref, g_ref = output_and_grads(selective_scan_ref, inputs, probe)
+    y_fast, g_fast = output_and_grads(selective_scan_chunked, inputs, probe, chunk_size=64)
+    assert_close_to_scale(y_fast, y_ref, "output")
+    for name in NAMES:
+        assert_close_to_scale(g_fast[name], g_ref[name], f"grad {name}")
+
+
+def test_chunks_shrink_to_the_element_budget(monkeypatch):
+    # A budget of 40 elements per chunk buffer at batch 2, N 4, d_inner 5 leaves 1 step per chunk (and 2 at
+    # 80): the chunk layout changes, the result does not.
+    inputs = scan_inputs(2, 5, 4, 37, seed=13)
+    probe = torch.randn(2, 5, 37, generator=torch.Generator().manual_seed(4))
+    y_ref, g_ref = output_and_grads(selective_scan_ref, inputs, probe)
+    for budget in (40, 80):
+        monkeypatch.setattr(mamba, "CHUNK_ELEMENTS", budget)
+        y_fast, g_fast = output_and_grads(selective_scan_chunked, inputs, probe, chunk_size=64)
+        assert_close_to_scale(y_fast, y_ref, f"output, budget {budget}")
+        for name in NAMES:
+            assert_close_to_scale(g_fast[name], g_ref[name], f"grad {name}, budget {budget}")
+
+
+def test_chunked_scan_saves_no_state_sized_tensor():
+    # What forward leaves for backward: the [batch, T, d_inner] and [batch, T, N] inputs and one state per chunk,
+    # not the [batch, T, N, d_inner] decays or states (16x the inputs at N = 16).
+    batch, d_inner, n, seq_len = 2, 32, 16, 512
+    leaves = {k: v.requires_grad_() for k, v in scan_inputs(batch, d_inner, n, seq_len).items()}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        selective_scan_chunked(**leaves, delta_softplus=True, chunk_size=64)
+    assert max(saved) <= batch * seq_len * d_inner
+    assert sum(saved) <= 12 * batch * seq_len * d_inner < batch * seq_len * d_inner * n
 
 
 def test_dispatch_uses_chunked_scan_on_cpu():
