@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -144,3 +146,30 @@ def deepspeed_config(cfg: RunConfig, precision: str) -> dict[str, Any]:
         "wall_clock_breakdown": False,
         "dump_state": False,
     }
+
+
+@contextlib.contextmanager
+def zero3_master_weights_shared() -> Iterator[None]:
+    """ZeRO-3 with float32 weights keeps no second float32 copy of each partition as its master weights.
+
+    DeepSpeed means to share the partition when the weights already are float32 on the optimizer's device (as under
+    autocast), but it compares ``tensor.device`` with the device name as a string, which is never equal, so every
+    rank would hold 4 more bytes per parameter of its partition. For the duration of the optimizer's construction
+    its device is given as a ``torch.device``; nothing else changes (bf16 weights still get their float32 copy)."""
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+    original = DeepSpeedZeroOptimizer_Stage3._create_fp32_partitions
+
+    def create(self: Any) -> Any:
+        name = self.device
+        self.device = torch.device(name)
+        try:
+            return original(self)
+        finally:
+            self.device = name
+
+    DeepSpeedZeroOptimizer_Stage3._create_fp32_partitions = create
+    try:
+        yield
+    finally:
+        DeepSpeedZeroOptimizer_Stage3._create_fp32_partitions = original

@@ -8,10 +8,11 @@ tensor, pipeline and expert parallelism and ``S`` its ZeRO partition of them (``
     ZeRO   parameters              gradients (held at the step)   moments    master (fp32 copy)
     0      Ψ                       Ψ                               8 Ψ        bf16: 4 Ψ; fp32: none (AdamW steps Ψ)
     1, 2   Ψ                       S (fp32)                        8 S        4 S
-    3      S + small params whole  S (fp32)                        8 S        4 S
+    3      S + small params whole  S (fp32)                        8 S        bf16: 4 S; fp32: none
 
-ZeRO 1-3 keep their fp32 partition as a copy even when the parameters are fp32 (DeepSpeed 0.19 clones it; ZeRO-3
-would alias it but compares a device string with a torch.device), so "count each storage once" still finds it.
+ZeRO 1-2 keep their fp32 partition as a copy even when the parameters are fp32 (DeepSpeed 0.19 clones it), so
+"count each storage once" still finds it; ZeRO-3 steps fp32 partitions in place
+(`train.engine.zero3_master_weights_shared`).
 
 ZeRO-1 also holds the whole gradient ``Ψ`` during backward, until the reduction at the last micro-batch; that and
 the communication buffers alive only during backward are `ModelStates.transient`. Buckets are sized from the
@@ -171,7 +172,7 @@ def model_states(cfg: ModelConfig, layout: Layout, zero_stage: int, precision: s
     persistent = sum(n for _, n in params if n <= buckets.persistence_threshold)
     gathered = max(buckets.max_live, max(n for _, n in params))
     return ModelStates(parameters=(part + persistent) * p_bytes, gradients=part * FP32, optimizer=2 * FP32 * part,
-                       master=FP32 * part, buckets=min(buckets.reduce, local) * FP32,
+                       master=FP32 * part if precision == "bf16" else 0, buckets=min(buckets.reduce, local) * FP32,
                        transient=gathered * p_bytes, step=2 * FP32 * min(part, buckets.sub_group))
 
 

@@ -20,7 +20,7 @@ from torch import nn
 from model.compile import compile_blocks
 from model.transformer import Transformer
 from train.config import RunConfig
-from train.engine import build_optimizer, build_scheduler, deepspeed_config
+from train.engine import build_optimizer, build_scheduler, deepspeed_config, zero3_master_weights_shared
 from train.parallel.dims import Layout
 from train.parallel.grad import install_clipping
 from train.parallel.groups import ParallelGroups
@@ -136,9 +136,11 @@ def _initialize(module: nn.Module, cfg: RunConfig, groups: ParallelGroups, preci
     if cfg.parallel.zero_stage == 0 and precision == "fp32":
         ds_config["gradient_clipping"] = 0.0
         install_clipping(optimizer, module, groups, cfg.train.grad_clip, recorder)
-    engine, _, _, _ = deepspeed.initialize(
-        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=mpu, dist_init_required=False
-    )
+    with zero3_master_weights_shared():
+        engine, _, _, _ = deepspeed.initialize(
+            model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=mpu,
+            dist_init_required=False,
+        )
     return engine, recorder
 
 
