@@ -19,9 +19,9 @@ the communication buffers alive only during backward are `ModelStates.transient`
 model (`zero_buckets`) and have their own line.
 
 Activations: bytes a micro-batch keeps from forward to backward (what autograd saves, counted once per storage,
-parameters excluded), per block kind, with activation checkpointing off ("none") or "full" (a block keeps its input
-and runs again in backward: one block's activations come back during backward). "selective" is left for the
-recomputation policy that defines it: see `block_activation_bytes`.
+parameters excluded), per block kind, with activation checkpointing off ("none"), "full" (a block keeps its input
+and runs again in backward: one block's activations come back during backward) or "selective" (a block keeps its
+input and the outputs of its matmuls, `model.recompute`).
 """
 
 from __future__ import annotations
@@ -225,21 +225,46 @@ def _moe(cfg: ModelConfig, a: int, tp: int) -> int:
 
 
 def _mamba(cfg: ModelConfig, a: int, tp: int, tokens: int) -> int:
-    """Per token (the scan's per-chunk states and A excluded, see `block_activation_bytes`): in_proj output (conv
-    input and gate), conv output and its silu, x_proj input, dt/B/C and their norms, delta and its softplus, the
-    scan's inputs, the gated output (out_proj input)."""
+    """Per token: in_proj output (conv input and gate), conv input and output and its silu, dt/B/C and their norms,
+    delta and its softplus, the scan's inputs and chunk-entering states, the gated output (out_proj input)."""
     di, n, r = cfg.mamba_d_inner // tp, cfg.mamba_d_state, cfg.resolved_dt_rank
-    projections = a * (2 * di + 2 * di + di)  # in_proj out, conv out, silu out (x_proj input)
+    # in_proj out (conv input and gate), the conv's channels-last input and output, silu out (x_proj input)
+    projections = a * (2 * di + 2 * di + di + di)
     dt_b_c = sum(_norm(w, a) for w in (r, n, n)) + a * r  # the three norms, dt_proj input
     scan = FP32 * (di + di + di + 2 * n + 2 * di)  # delta, softplus(delta), du, B and C, y and the gated y
-    return projections + dt_b_c + scan
+    # The scan also keeps the state entering each chunk ([n, di] per mamba_chunk_size tokens) and A = -exp(A_log)
+    # twice ([di, n], whatever the tokens).
+    states = FP32 * n * di / cfg.mamba_chunk_size + 2 * FP32 * di * n / tokens
+    return projections + dt_b_c + scan + round(states)
+
+
+def _selective(cfg: ModelConfig, layer: int, a: int, tp: int) -> int:
+    """Per token under selective checkpointing (`model.recompute`): the outputs of the matmuls, attention and the
+    grouped expert GEMM, nothing else. Attention: q, k, v, the attention output and its fp32 log-sum-exp, o_proj.
+    Mamba: in_proj (hidden and gate), x_proj (dt, B, C), dt_proj, the scan's output contraction, out_proj. SwiGLU:
+    gate, up, down. MoE: the router logits and, per routed slot, the experts' gate, up and down."""
+    d, hd = cfg.d_model, cfg.resolved_head_dim
+    if cfg.is_attention_layer(layer):
+        q, kv = cfg.n_heads * hd // tp, cfg.n_kv_heads * hd // tp
+        mixer = a * (2 * q + 2 * kv + d) + FP32 * cfg.n_heads // tp
+    else:
+        di = cfg.mamba_d_inner // tp
+        mixer = a * (2 * di + cfg.resolved_dt_rank + 2 * cfg.mamba_d_state + di + di + d)
+    if cfg.is_moe_layer(layer):
+        ffn = a * (cfg.num_experts + cfg.top_k * (2 * cfg.ffn_hidden // tp + d))
+    else:
+        ffn = a * (2 * cfg.ffn_hidden // tp + d)
+    return mixer + ffn
 
 
 def block_activation_bytes(cfg: ModelConfig, layer: int, tokens: int, precision: str = "fp32", tp: int = 1,
-                           sp: bool = False) -> int:
-    """Bytes block ``layer`` saves for backward over ``tokens`` tokens (micro-batch x sequence) with no
-    checkpointing. Under TP the split activations are 1/tp; with sequence parallelism the norms' inputs too."""
+                           sp: bool = False, mode: str = "none") -> int:
+    """Bytes block ``layer`` saves for backward over ``tokens`` tokens (micro-batch x sequence) with checkpointing
+    ``mode`` "none" or "selective" (its input, kept by the caller, excluded). Under TP the split activations are
+    1/tp; with sequence parallelism the norms' inputs too."""
     a = PRECISION_BYTES[precision]
+    if mode == "selective":
+        return _selective(cfg, layer, a, tp) * tokens
     seq_div = tp if sp else 1
     per_token = 2 * _norm(cfg.d_model, a) // seq_div + 2 * a * cfg.d_model  # two norms, mixer and ffn inputs
     if cfg.is_attention_layer(layer):
@@ -264,7 +289,8 @@ def head_activation_bytes(cfg: ModelConfig, tokens: int, precision: str = "fp32"
 def activations(cfg: ModelConfig, micro_batch: int, seq_len: int, precision: str = "fp32", tp: int = 1,
                 sp: bool = False, layers: range | None = None) -> Activations:
     """One micro-batch on this rank: its blocks (``layers``, default all) and the head. ``checkpointing_mode``
-    "full": each block keeps its input; during backward one block's activations are alive again."""
+    "full" / "selective": each block keeps its input (and under selective its matmul outputs); during backward the
+    rest of one block's activations is alive again."""
     tokens = micro_batch * seq_len
     layers = range(cfg.n_layers) if layers is None else layers
     blocks = [block_activation_bytes(cfg, i, tokens, precision, tp, sp) for i in layers]
@@ -272,11 +298,13 @@ def activations(cfg: ModelConfig, micro_batch: int, seq_len: int, precision: str
     mode = checkpointing_mode(cfg)
     if mode == "none":
         return Activations(saved=sum(blocks) + head)
+    block_input = PRECISION_BYTES[precision] * cfg.d_model * tokens // (tp if sp else 1)
     if mode == "full":
-        block_input = PRECISION_BYTES[precision] * cfg.d_model * tokens // (tp if sp else 1)
         return Activations(saved=len(blocks) * block_input + head, recomputed=max(blocks, default=0))
-    # "selective": what the recomputation policy keeps per block belongs here, beside "none" and "full".
-    raise NotImplementedError(f"activation memory for activation_checkpointing={mode!r} is not modelled yet")
+    # selective: each block keeps its input and its matmul outputs; backward recomputes the rest of one block.
+    kept = [block_activation_bytes(cfg, i, tokens, precision, tp, sp, "selective") for i in layers]
+    recomputed = max((b - k for b, k in zip(blocks, kept, strict=True)), default=0)
+    return Activations(saved=len(blocks) * block_input + sum(kept) + head, recomputed=recomputed)
 
 
 # ---------------------------------------------------------------------------------------------- the rank
