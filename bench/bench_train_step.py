@@ -48,9 +48,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def train_step(model: torch.nn.Module, loss_of: Callable[[], torch.Tensor], device: torch.device) -> Callable[[], float]:
-    """One optimizer step of ``model``; returns its wall time in seconds."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=device.type == "cuda")
+def train_step(model: torch.nn.Module, loss_of: Callable[[], torch.Tensor], device: torch.device,
+               fused: bool = False) -> Callable[[], float]:
+    """One optimizer step of ``model``; returns its wall time in seconds. The reference's optimizer is torch's
+    default AdamW; ``fused`` is the trainer's (`train.engine.build_optimizer`)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True) if fused else torch.optim.AdamW(
+        model.parameters(), lr=1e-4, foreach=device.type == "cuda")
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def step() -> float:
@@ -83,13 +86,16 @@ def bench_family(family: str, args: argparse.Namespace, device: torch.device) ->
     # transformers shifts the labels itself: same inputs, T-1 scored positions.
     steps = [("transformers", train_step(hf, lambda: hf(input_ids=x, labels=x).loss, device)),
              ("ours", train_step(ours, lambda: ours(x, labels=y).loss, device))]
+    trainer_opt = Transformer(cfg).to(device)
+    trainer_opt.load_state_dict(ours.state_dict())
+    steps.append(("ours, fused AdamW", train_step(trainer_opt, lambda: trainer_opt(x, labels=y).loss, device, True)))
     if args.compile:
         from model.compile import compile_blocks
 
         compiled = Transformer(dataclasses.replace(cfg)).to(device)
         compiled.load_state_dict(ours.state_dict())
         compile_blocks(compiled)
-        steps.append(("ours, compiled", train_step(compiled, lambda: compiled(x, labels=y).loss, device)))
+        steps.append(("ours, compiled", train_step(compiled, lambda: compiled(x, labels=y).loss, device, True)))
     for _, step in steps:  # warm-up (and compilation) outside the timed repeats
         for _ in range(args.warmup):
             step()
@@ -111,7 +117,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--compile", action="store_true", help="also time our model with model.compile.compile_blocks")
+    p.add_argument("--compile", action="store_true", help="also time our model with model.compile.compile_blocks "
+                   "(and the trainer's fused AdamW)")
     p.add_argument("--peak-flops", type=float, default=None)
     args = p.parse_args()
     if args.threads:
@@ -122,7 +129,7 @@ def main() -> None:
     print(f"d_model {args.d_model}, {args.layers} layers, ffn {args.ffn_hidden}, seq {args.seq_len}, batch "
           f"{args.batch} on {device.type} ({'bf16 autocast' if device.type == 'cuda' else 'fp32'}), "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, {args.repeats} interleaved repeats")
-    print(f"{'family':<8}{'loop':<18}{'s/step':>9}{'tokens/s':>10}{'MFU':>8}{'vs transformers':>17}")
+    print(f"{'family':<8}{'loop':<20}{'s/step':>9}{'tokens/s':>10}{'MFU':>8}{'vs transformers':>17}")
     for family in args.families:
         rows = bench_family(family, args, device)
         cfg = family_config(family, args.d_model, args.layers, args.ffn_hidden, args.seq_len)
@@ -132,7 +139,7 @@ def main() -> None:
             sec = statistics.median(times)
             ratio = statistics.median(r / t for r, t in zip(reference, times, strict=True))
             tps = tokens_per_step / sec
-            print(f"{family:<8}{name:<18}{sec:>9.4f}{tps:>10.0f}{100 * tps * fpt / peak:>7.2f}%{ratio:>16.2f}x")
+            print(f"{family:<8}{name:<20}{sec:>9.4f}{tps:>10.0f}{100 * tps * fpt / peak:>7.2f}%{ratio:>16.2f}x")
 
 
 if __name__ == "__main__":

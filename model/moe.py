@@ -169,11 +169,18 @@ class MoE(nn.Module):
             "z_loss": z_loss.detach(),
             "dropped_fraction": dropped_fraction.detach(),
         }
-        if self.training and not _recomputing():
-            self._load_sum = load.detach() if self._load_sum is None else self._load_sum + load.detach()
-            self._load_count += 1
+        if self.training:
+            self._accumulate_load(load.detach())
         aux_loss = self.aux_loss_coeff * lb_loss + self.z_loss_coeff * z_loss
         return y.reshape(batch, seq_len, d_model), aux_loss
+
+    @torch.compiler.disable
+    def _accumulate_load(self, load: Tensor) -> None:
+        """Adds a training forward's load to the step's sum. Python bookkeeping, kept out of torch.compile's graphs:
+        the counter would be a constant there and recompile the block every step."""
+        if not _recomputing():
+            self._load_sum = load if self._load_sum is None else self._load_sum + load
+            self._load_count += 1
 
     def _run_experts(self, grouped: Tensor, counts: Tensor) -> Tensor:
         """The experts on ``grouped`` [S, D], rows sorted by expert: expert e's ``counts[e]`` rows follow expert

@@ -22,8 +22,18 @@ from train.config import LoggingConfig
 _GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
 
+def _cpu_flops_per_cycle() -> int:
+    """fp32 FLOP per cycle and core: two FMA units of 16 lanes with AVX-512, of 8 with AVX2."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return 32
+    return 64 if " avx512f" in flags else 32
+
+
 def peak_flops_per_device(device: torch.device, configured: float | None) -> float:
-    """The denominator of MFU. On CPU this is an estimate: cores x 2.5 GHz x 32 fp32 FLOP/cycle (AVX2 FMA)."""
+    """The denominator of MFU. On CPU this is an estimate: threads x 2.5 GHz x fp32 FLOP/cycle (AVX-512 or AVX2
+    FMA); pass ``train.peak_flops`` for a measured figure."""
     if configured:
         return float(configured)
     if device.type == "cuda":
@@ -32,8 +42,7 @@ def peak_flops_per_device(device: torch.device, configured: float | None) -> flo
             if key in name:
                 return value
         return 312e12
-    threads = torch.get_num_threads()
-    return threads * 2.5e9 * 32
+    return torch.get_num_threads() * 2.5e9 * _cpu_flops_per_cycle()
 
 
 def _fmt_duration(seconds: float) -> str:
