@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_train_step import family_config
+from bench.bench_train_step import add_shape_args, family_config
 from model.transformer import Transformer
 from train.saved_activations import saved_activation_bytes
 
@@ -29,13 +29,7 @@ MODES = ("none", "selective", "full")
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--families", nargs="+", default=["dense", "moe", "hybrid"])
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--ffn-hidden", type=int, default=512)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=7)
+    add_shape_args(p)
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args()
     if args.threads:

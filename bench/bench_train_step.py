@@ -43,6 +43,17 @@ def family_config(family: str, d_model: int, layers: int, ffn_hidden: int, seq_l
     return ModelConfig.from_dict(raw)
 
 
+def add_shape_args(p: argparse.ArgumentParser) -> None:
+    """The families and model/batch shape every training-step benchmark takes."""
+    p.add_argument("--families", nargs="+", default=["dense", "moe", "hybrid"], choices=list(TINY_CONFIG))
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--ffn-hidden", type=int, default=512)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=7)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -108,13 +119,7 @@ def bench_family(family: str, args: argparse.Namespace, device: torch.device) ->
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--families", nargs="+", default=["dense", "moe", "hybrid"], choices=list(TINY_CONFIG))
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--ffn-hidden", type=int, default=512)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=7)
+    add_shape_args(p)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--compile", action="store_true", help="also time our model with model.compile.compile_blocks "
