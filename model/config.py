@@ -10,8 +10,11 @@ SwiGLU MLP). A dense Llama is ``attn_layer_period=1, attn_layer_offset=0`` with
 from __future__ import annotations
 
 import math
+import types
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
 
 class ConfigError(ValueError):
@@ -24,6 +27,73 @@ class ConfigError(ValueError):
 
     def __reduce__(self):  # picklable across Hydra/submitit job boundaries
         return (type(self), (self.key, self.message))
+
+
+def _describe(tp: Any) -> str:
+    """What a config value of annotated type ``tp`` must look like, for error messages."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(str(a) for a in args)
+    if origin is tuple:
+        return f"a list of {len(args)} {'numbers' if float in args else 'values'}"
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def convert_value(value: Any, tp: Any, key: str) -> Any:
+    """``value`` as annotated type ``tp`` (int, float, bool, str, Literal, fixed tuples, unions of these, null);
+    raises ConfigError naming ``key`` and the expected type when it does not fit. Integral floats become ints
+    (``1e4`` steps) and numbers become strings for string fields; nothing else is coerced."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        for alt in args:
+            try:
+                return convert_value(value, alt, key)
+            except ConfigError:
+                pass
+    elif origin is Literal:
+        if any(type(value) is type(a) and value == a for a in args):
+            return value
+    elif origin is tuple:
+        if isinstance(value, list | tuple) and len(value) == len(args):
+            return tuple(convert_value(v, t, f"{key}[{i}]") for i, (v, t) in enumerate(zip(value, args, strict=True)))
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(key, f"expected a finite number, got {value}")
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+    else:
+        return value  # a type this helper does not check: the dataclass's own validation decides
+    raise ConfigError(key, f"expected {_describe(tp)}, got {value!r}")
+
+
+def config_from_dict(cls: type, d: Mapping[str, Any], prefix: str) -> Any:
+    """Builds dataclass ``cls`` from a config mapping: every value converted to its field's annotated type, unknown
+    keys refused; errors name the dotted key (``prefix.field``)."""
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in fields(cls)]
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise ConfigError(f"{prefix}.{unknown[0]}", f"unknown option; known options: {', '.join(sorted(known))}")
+    return cls(**{k: convert_value(v, hints[k], f"{prefix}.{k}") for k, v in d.items()})
 
 
 Family = Literal["dense", "moe", "hybrid"]
@@ -111,6 +181,18 @@ class ModelConfig:
         for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "max_seq_len"):
             if getattr(self, key) <= 0:
                 raise err(key, f"must be positive, got {getattr(self, key)}")
+        for key in ("head_dim", "mamba_dt_rank"):
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
+                raise err(key, f"must be positive or null (derived from d_model), got {getattr(self, key)}")
+        for key in ("rope_theta", "norm_eps", "init_std"):
+            if getattr(self, key) <= 0:
+                raise err(key, f"must be positive, got {getattr(self, key)}")
+        for key in ("aux_loss_coeff", "z_loss_coeff", "aux_free_bias_rate"):
+            if getattr(self, key) < 0:
+                raise err(key, f"must be >= 0 (0 disables it), got {getattr(self, key)}")
+        for key in ("expert_layer_period", "attn_layer_period"):
+            if getattr(self, key) < 1:
+                raise err(key, f"must be >= 1, got {getattr(self, key)}")
         if self.n_heads % self.n_kv_heads != 0:
             raise err(
                 "n_kv_heads",
@@ -118,7 +200,9 @@ class ModelConfig:
                 "pick n_kv_heads that divides n_heads (GQA groups must be equal)",
             )
         if self.head_dim is None and self.d_model % self.n_heads != 0:
-            raise err("n_heads", f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; set model.head_dim")
+            raise err(
+                "n_heads", f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; set model.head_dim"
+            )
         if self.resolved_head_dim % 2 != 0 and self.use_rope:
             raise err("head_dim", f"RoPE needs an even head_dim, got {self.resolved_head_dim}")
         if self.attn_backend not in ("auto", "flash_attn", "sdpa"):
@@ -151,9 +235,5 @@ class ModelConfig:
         return self
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], prefix: str = "model") -> ModelConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"{prefix}.{unknown[0]}", f"unknown model option; known options: {', '.join(sorted(known))}")
-        return cls(**d).validate(prefix)
+    def from_dict(cls, d: Mapping[str, Any], prefix: str = "model") -> ModelConfig:
+        return config_from_dict(cls, d, prefix).validate(prefix)

@@ -8,8 +8,10 @@ import warnings
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from data.stream import DataConfigError
 from model.config import ConfigError
@@ -42,9 +44,8 @@ def main(cfg: DictConfig) -> int:
     try:
         resolved = OmegaConf.to_container(cfg, resolve=True)
         run_cfg = build_run_config(resolved)
-    except (ConfigError, DataConfigError) as e:
-        if os.environ.get("LOCAL_RANK", "0") == "0":
-            print(f"config error: {e}", file=sys.stderr, flush=True)
+    except (ConfigError, DataConfigError, OmegaConfBaseException) as e:
+        _print_config_error(e)
         if multirun:
             raise
         sys.exit(2)
@@ -59,6 +60,32 @@ def main(cfg: DictConfig) -> int:
     return code
 
 
+def config_error_line(e: Exception) -> str:
+    """One line for a refused config: the key, what is wrong, the fix (Hydra's and OmegaConf's own messages
+    span several lines and end with a hint about stack traces)."""
+    if isinstance(e, ConfigError | DataConfigError):
+        return f"config error: {e}"
+    if isinstance(e, MissingConfigException) and e.missing_cfg_file:
+        group, _, name = e.missing_cfg_file.rpartition("/")
+        options = f"; available: {', '.join(e.options)}" if e.options else ""
+        return f"config error: {group or name}: no config named {name!r} in conf/{group}{options}"
+    cause = e.__cause__ if isinstance(e.__cause__, OmegaConfBaseException) else e
+    key = getattr(cause, "full_key", None)
+    if isinstance(e, ConfigCompositionException) and isinstance(cause, ConfigKeyError | AttributeError) and key:
+        return (
+            f"config error: {key}: unknown key; check its spelling (`python -m train --cfg job` prints every "
+            f"key) or add a new one with +{key}=VALUE"
+        )
+    lines = [ln.strip() for ln in str(cause).splitlines()]
+    text = "; ".join(ln for ln in lines if ln and not ln.startswith(("full_key:", "object_type=")))
+    return f"config error: {key}: {text}" if key else f"config error: {text}"
+
+
+def _print_config_error(e: Exception) -> None:
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        print(config_error_line(e), file=sys.stderr, flush=True)
+
+
 def _strip_launcher_args(argv: list[str]) -> list[str]:
     # The deepspeed launcher appends --local_rank=N, which Hydra would reject as an override;
     # LOCAL_RANK is also in the environment, so the argument carries nothing we need.
@@ -67,4 +94,11 @@ def _strip_launcher_args(argv: list[str]) -> list[str]:
 
 if __name__ == "__main__":
     sys.argv = _strip_launcher_args(sys.argv)
-    main()
+    # Hydra prints composition errors (unknown key, missing config, bad override syntax) over several lines; with
+    # HYDRA_FULL_ERROR it raises them instead, and they become one line here.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        main()
+    except (HydraException, OmegaConfBaseException) as e:
+        _print_config_error(e)
+        sys.exit(2)

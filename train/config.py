@@ -3,23 +3,19 @@ before any process group, directory or file is created."""
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import dataclass, field, fields
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data.stream import DataConfig, DataConfigError
-from model.config import ConfigError, ModelConfig
+import yaml
+
+from data.stream import DataConfig, DataConfigError, GlobalBatchLoader
+from model.config import ConfigError, ModelConfig, config_from_dict
 from train.parallel.dims import PP_PARTITIONS, validate_layout
 
-
-def _from_dict(cls: type, d: dict[str, Any], prefix: str) -> Any:
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ConfigError(f"{prefix}.{unknown[0]}", f"unknown option; known: {', '.join(sorted(known))}")
-    return cls(**d)
+SECTIONS = ("model", "data", "parallel", "optim", "sched", "logging", "train", "run_dir")
 
 
 @dataclass
@@ -44,7 +40,9 @@ class ParallelConfig:
         """Checks the layout against the model and the world size (train.parallel.validate_layout, before any
         process group exists); returns the data-parallel size."""
         if self.pp_partition not in PP_PARTITIONS:
-            raise ConfigError("parallel.pp_partition", f"got {self.pp_partition!r}; use one of {', '.join(PP_PARTITIONS)}")
+            raise ConfigError(
+                "parallel.pp_partition", f"got {self.pp_partition!r}; use one of {', '.join(PP_PARTITIONS)}"
+            )
         return validate_layout(self, model if model is not None else ModelConfig(), world_size).dp
 
 
@@ -63,6 +61,10 @@ class OptimConfig:
             raise ConfigError("optim.lr", f"must be positive, got {self.lr}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError("optim.betas", f"need two values in [0, 1), got {list(self.betas)}")
+        if self.eps <= 0:
+            raise ConfigError("optim.eps", f"must be positive, got {self.eps}")
+        if self.weight_decay < 0:
+            raise ConfigError("optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
 
 
 @dataclass
@@ -124,6 +126,11 @@ class TrainConfig:
         for key in ("steps", "micro_batch_size", "global_batch_size", "seq_len"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
+        for key in ("seed", "eval_every", "eval_batches"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.{key}", f"must be >= 0, got {getattr(self, key)}")
+        if self.peak_flops is not None and self.peak_flops <= 0:
+            raise ConfigError("train.peak_flops", f"must be positive or null (estimated), got {self.peak_flops}")
         if self.stop_at is not None and not 1 <= self.stop_at <= self.steps:
             raise ConfigError("train.stop_at", f"must be in [1, train.steps={self.steps}] or null, got {self.stop_at}")
         per_step = self.micro_batch_size * dp_size
@@ -136,19 +143,26 @@ class TrainConfig:
         if self.seq_len > model.max_seq_len:
             raise ConfigError("train.seq_len", f"{self.seq_len} exceeds model.max_seq_len={model.max_seq_len}")
         if parallel.sp and self.seq_len % parallel.tp != 0:
-            raise ConfigError("train.seq_len", f"{self.seq_len} is not divisible by parallel.tp={parallel.tp}: sequence "
-                              "parallelism splits the sequence; pick a multiple of tp or parallel.sequence_parallel=false")
+            raise ConfigError(
+                "train.seq_len",
+                f"{self.seq_len} is not divisible by parallel.tp={parallel.tp}: sequence "
+                "parallelism splits the sequence; pick a multiple of tp or parallel.sequence_parallel=false",
+            )
         if self.resume not in ("auto", "never"):
             raise ConfigError("train.resume", f"got {self.resume!r}; use auto or never")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError("train.precision", f"got {self.precision!r}; use auto, fp32 or bf16")
         if self.compile and parallel.zero_stage == 3:
-            raise ConfigError("train.compile", "is not supported with ZeRO-3 (its parameter gathering hooks run inside "
-                              "the compiled blocks); use parallel.zero_stage<=2 or train.compile=false")
+            raise ConfigError(
+                "train.compile",
+                "is not supported with ZeRO-3 (its parameter gathering hooks run inside "
+                "the compiled blocks); use parallel.zero_stage<=2 or train.compile=false",
+            )
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError("train.device", f"got {self.device!r}; use auto, cpu or cuda")
-        if self.ckpt_every < 1 or self.keep_last < 1:
-            raise ConfigError("train.ckpt_every", "ckpt_every and keep_last must be >= 1")
+        for key in ("ckpt_every", "keep_last"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
         if self.grad_clip < 0:
             raise ConfigError("train.grad_clip", f"must be >= 0 (0 disables clipping), got {self.grad_clip}")
 
@@ -180,16 +194,23 @@ def build_run_config(cfg: dict[str, Any], world_size: int | None = None) -> RunC
     """
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    missing = [k for k in ("model", "data", "parallel", "optim", "sched", "logging", "train", "run_dir") if k not in cfg]
+    missing = [k for k in SECTIONS if k not in cfg]
     if missing:
         raise ConfigError(missing[0], "missing config section")
-    model = ModelConfig.from_dict(dict(cfg["model"]))
-    parallel = _from_dict(ParallelConfig, dict(cfg["parallel"]), "parallel")
-    optim = _from_dict(OptimConfig, dict(cfg["optim"]), "optim")
-    optim.betas = tuple(optim.betas)
-    sched = _from_dict(SchedConfig, dict(cfg["sched"]), "sched")
-    logging_cfg = _from_dict(LoggingConfig, dict(cfg["logging"]), "logging")
-    train = _from_dict(TrainConfig, dict(cfg["train"]), "train")
+    unknown = sorted(set(cfg) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(unknown[0], f"unknown top-level key; known: {', '.join(SECTIONS)}")
+    for key in SECTIONS[:-1]:
+        if not isinstance(cfg[key], Mapping):
+            raise ConfigError(key, f"expected a config group (e.g. {key}=NAME or {key}.KEY=VALUE), got {cfg[key]!r}")
+    if not isinstance(cfg["run_dir"], str | os.PathLike) or not str(cfg["run_dir"]):
+        raise ConfigError("run_dir", f"expected a directory path, got {cfg['run_dir']!r}")
+    model = ModelConfig.from_dict(cfg["model"])
+    parallel = config_from_dict(ParallelConfig, cfg["parallel"], "parallel")
+    optim = config_from_dict(OptimConfig, cfg["optim"], "optim")
+    sched = config_from_dict(SchedConfig, cfg["sched"], "sched")
+    logging_cfg = config_from_dict(LoggingConfig, cfg["logging"], "logging")
+    train = config_from_dict(TrainConfig, cfg["train"], "train")
 
     dp_size = parallel.validate(world_size, model)
     optim.validate()
@@ -197,7 +218,9 @@ def build_run_config(cfg: dict[str, Any], world_size: int | None = None) -> RunC
     sched.validate(train.steps)
     logging_cfg.validate()
     data = DataConfig.from_dict(dict(cfg["data"]))
-    _check_vocab(data, model)
+    _check_data(data, model, train, dp_size)
+    if train.resume == "auto":
+        _check_resume(Path(cfg["run_dir"]), model)
     return RunConfig(
         model=model,
         data=data,
@@ -213,16 +236,79 @@ def build_run_config(cfg: dict[str, Any], world_size: int | None = None) -> RunC
     )
 
 
-def _check_vocab(data: DataConfig, model: ModelConfig) -> None:
-    """Token ids of every source must fit the model's embedding table."""
-    for i, src in enumerate(data.sources):
-        index = Path(src.path) / "index.json"
-        vocab = json.loads(index.read_text()).get("vocab_size")
-        if vocab is not None and vocab > model.vocab_size:
+def _check_data(data: DataConfig, model: ModelConfig, train: TrainConfig, dp_size: int) -> None:
+    """Opens the sources as rank 0's loader will (index, shard sizes, one tokenizer, a sample of seq_len + 1
+    tokens, mixture weights) and checks that every token id fits the model's embedding table."""
+    try:
+        loader = GlobalBatchLoader(
+            data,
+            seq_len=train.seq_len,
+            global_batch_size=train.global_batch_size,
+            micro_batch_size=train.micro_batch_size,
+            dp_rank=0,
+            dp_size=dp_size,
+            seed=train.seed,
+        )
+    except DataConfigError:
+        raise
+    except RuntimeError as e:  # a corrupt or truncated shard: the message names it and the command to rebuild it
+        raise DataConfigError("data.sources", str(e).splitlines()[0]) from e
+    except (ValueError, KeyError, TypeError) as e:  # an unreadable index.json
+        raise DataConfigError(
+            "data.sources",
+            f"cannot read the prepared data ({str(e).splitlines()[0]}); re-run python -m data.prepare for it",
+        ) from e
+    for i, src in enumerate(loader.sources):
+        if src.vocab_size > model.vocab_size:
             raise ConfigError(
                 "model.vocab_size",
-                f"{model.vocab_size} is smaller than the tokenizer vocabulary ({vocab}) of data.sources[{i}] "
-                f"({src.path}); set model.vocab_size={vocab}",
+                f"{model.vocab_size} is smaller than the tokenizer vocabulary ({src.vocab_size}) of data.sources[{i}] "
+                f"({src.path}); set model.vocab_size={src.vocab_size}",
+            )
+
+
+# Fields that decide the shapes (or the set) of the model's parameters: a checkpoint of another value cannot load.
+SHAPE_FIELDS = (
+    "family",
+    "vocab_size",
+    "d_model",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "head_dim",
+    "ffn_hidden",
+    "tie_embeddings",
+    "num_experts",
+    "expert_layer_period",
+    "expert_layer_offset",
+    "attn_layer_period",
+    "attn_layer_offset",
+    "mamba_d_state",
+    "mamba_d_conv",
+    "mamba_expand",
+    "mamba_dt_rank",
+    "mamba_conv_bias",
+    "mamba_proj_bias",
+)
+
+
+def _check_resume(run_dir: Path, model: ModelConfig) -> None:
+    """With train.resume=auto the run continues from run_dir's latest checkpoint: its model must have this shape.
+    Reads the resolved config saved beside the checkpoint."""
+    saved = run_dir / "checkpoints" / "latest" / "config.yaml"
+    if not saved.is_file():
+        return
+    try:
+        old = yaml.safe_load(saved.read_text())["model"]
+        old = ModelConfig.from_dict(old)
+    except (yaml.YAMLError, KeyError, TypeError, ConfigError):
+        return  # not a config this code wrote; the checkpoint loader reports what it finds
+    for key in SHAPE_FIELDS:
+        if getattr(old, key) != getattr(model, key):
+            raise ConfigError(
+                f"model.{key}",
+                f"is {getattr(model, key)!r} but {saved.parent.resolve()} (resumed by train.resume=auto) holds a "
+                f"model with {key}={getattr(old, key)!r}; use that model, another run_dir, or train.resume=never",
             )
 
 
