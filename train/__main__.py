@@ -102,3 +102,5 @@ if __name__ == "__main__":
     except (HydraException, OmegaConfBaseException) as e:
         _print_config_error(e)
         sys.exit(2)
+    except (ConfigError, DataConfigError):  # a --multirun job's, already printed by main()
+        sys.exit(2)
