@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import pickle
 import re
 import shutil
 import sys
@@ -52,6 +53,10 @@ JAMBA_FIELDS = {
 }
 # Buffers that HF checkpoints may carry but that are derived, not learned.
 IGNORED_HF_KEYS = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+class UntrustedFileError(ValueError):
+    """A weights file holds a pickle that would build more than tensors and plain data."""
 
 
 # ---------------------------------------------------------------------------------------------- configs
@@ -317,7 +322,15 @@ def load_hf_weights(hf_dir: str | Path) -> dict[str, torch.Tensor]:
     _require(bool(files), f"no *.safetensors or pytorch_model*.bin weights in {hf_dir}")
     sd = {}
     for f in files:
-        sd.update(torch.load(f, map_location="cpu", weights_only=True))
+        try:
+            sd.update(torch.load(f, map_location="cpu", weights_only=True))
+        except pickle.UnpicklingError as e:
+            found = re.search(r"GLOBAL (\S+)", str(e))
+            what = f"loads {found.group(1)}" if found else "uses instructions beyond plain tensors and data"
+            raise UntrustedFileError(
+                f"{f} holds a pickle that {what}, which is not allowed (files are never unpickled with arbitrary "
+                "code); the file was tampered with or holds more than weights: use its safetensors version"
+            ) from None
     return sd
 
 
@@ -409,6 +422,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             to_hf_dir(args.ckpt_dir, args.hf_dir, drop_expert_bias=args.drop_expert_bias)
             print(f"wrote {args.hf_dir}")
+    except UntrustedFileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -14,13 +14,15 @@ Layout under ``run_dir/checkpoints``::
 
 A checkpoint is written to ``step_N.tmp`` first and renamed when every rank has finished, so an interrupted or
 failed save (full disk, second signal) never touches the last good one. Nothing here is unpickled: the pieces are
-safetensors, the rest JSON.
+safetensors, the rest JSON; DeepSpeed's pickles are loaded weights-only (train.safe_load), and checked before
+DeepSpeed reads them, so a crafted file is refused on every rank at once.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -31,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from train.checkpoint_shards import ShardReader, load_shards, param_shard, save_shards
+from train.safe_load import refusal, refused_message
 
 TAG = "ds"
 SHARDS = "shards"
@@ -38,6 +41,10 @@ SHARDS = "shards"
 
 class CheckpointError(RuntimeError):
     """Saving or loading a checkpoint failed; the message names the cause and the fix."""
+
+
+class UntrustedCheckpointError(CheckpointError):
+    """A checkpoint file holds a pickle that would run code or build objects beyond plain tensors and data."""
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -187,7 +194,12 @@ def load_checkpoint(module: Any, ckpt: Path) -> dict[str, Any]:
     returns meta. The same layout loads DeepSpeed's files; any other goes through the pieces in ``shards/``."""
     meta = json.loads((ckpt / "meta.json").read_text())
     if meta.get("layout") == layout_record(module):
-        if not module.load_engine_state(ckpt, TAG):
+        _check_engine_files(ckpt / TAG)
+        try:
+            loaded = module.load_engine_state(ckpt, TAG)
+        except pickle.UnpicklingError as e:  # a file replaced after the check
+            raise UntrustedCheckpointError(refused_message(ckpt / TAG, e)) from None
+        if not loaded:
             raise CheckpointError(f"DeepSpeed found no engine state under {ckpt}/{TAG}; the checkpoint is incomplete")
         _restore_expert_weights(module, ckpt / SHARDS)
         rank = dist.get_rank() if dist.is_initialized() else 0
@@ -203,6 +215,22 @@ def load_checkpoint(module: Any, ckpt: Path) -> dict[str, Any]:
     except (KeyError, ValueError, FileNotFoundError) as e:
         raise CheckpointError(f"{ckpt}: {e}") from e
     return meta
+
+
+def _check_engine_files(engine_dir: Path) -> None:
+    """Collective. Every rank checks its share of DeepSpeed's files; all raise if any file is refused, before
+    DeepSpeed reads one (a rank failing alone inside its load would leave the others in a collective)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    files = sorted(engine_dir.rglob("*.pt"))
+    first_bad = next((i for i in range(rank, len(files), world) if refusal(files[i])), len(files))
+    if dist.is_initialized():
+        t = torch.tensor([first_bad], dtype=torch.int64)
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        first_bad = int(t.item())
+    if first_bad < len(files):
+        raise UntrustedCheckpointError(refusal(files[first_bad]) or f"{files[first_bad]} changed while it was checked")
 
 
 @torch.no_grad()

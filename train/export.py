@@ -20,6 +20,7 @@ from model.transformer import Transformer
 from train.checkpoint import SHARDS, CheckpointError, latest_checkpoint
 from train.checkpoint_shards import ShardReader
 from train.parallel.shard import Shard
+from train.safe_load import forbid_unsafe_unpickling
 
 
 def resolve_checkpoint(path: Path) -> Path:
@@ -64,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", required=True, type=Path, help="run dir, checkpoints/step_N dir")
     p.add_argument("--out", required=True, type=Path, help="output model directory")
     args = p.parse_args(argv)
+    forbid_unsafe_unpickling()  # reads safetensors and JSON only; nothing it calls may unpickle
     try:
         model, cfg = load_trained_model(args.checkpoint)
     except CheckpointError as e:

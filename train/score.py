@@ -17,6 +17,7 @@ import torch
 
 from train.checkpoint import CheckpointError
 from train.export import load_trained_model
+from train.safe_load import forbid_unsafe_unpickling
 
 
 @torch.no_grad()
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, type=Path, help=".npy, float32 [B, T, V]")
     p.add_argument("--batch-size", type=int, default=8)
     args = p.parse_args(argv)
+    forbid_unsafe_unpickling()  # reads safetensors and JSON only; nothing it calls may unpickle
     try:
         model, cfg = load_trained_model(args.checkpoint)
     except CheckpointError as e:

@@ -15,15 +15,23 @@ import torch.distributed as dist
 
 from data.stream import GlobalBatchLoader
 from model.flops import flops_per_token, param_counts
-from train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from train.checkpoint import (
+    CheckpointError,
+    UntrustedCheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from train.config import RunConfig
 from train.engine import init_distributed, resolve_device, resolve_precision
 from train.metrics import MetricsLogger, peak_flops_per_device
 from train.parallel.dims import make_layout
 from train.parallel.groups import init_groups
+from train.safe_load import deepspeed_safe_globals, forbid_unsafe_unpickling
 from train.train_module import TrainModule, build_train_module
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: the job stopped on a signal after a checkpoint; requeue it
+EXIT_REFUSED = 2  # like a config error: rerunning the same command cannot succeed
 
 
 class StopRequest:
@@ -90,6 +98,7 @@ def evaluate(module: TrainModule, cfg: RunConfig, device: torch.device) -> float
 def run(cfg: RunConfig, config_yaml: str) -> int:
     """Trains until `train.steps` (or `train.stop_at`, or a signal). Returns the process exit code."""
     stop = StopRequest()  # first, so a signal during start-up still ends in a clean stop
+    forbid_unsafe_unpickling(deepspeed_safe_globals())  # before DeepSpeed can load a file
     device = resolve_device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device)
     init_distributed(device)
@@ -109,6 +118,10 @@ def run(cfg: RunConfig, config_yaml: str) -> int:
         ckpt = latest_checkpoint(run_dir) if cfg.train.resume == "auto" else None
         if ckpt is not None:
             meta = load_checkpoint(module, ckpt)
+    except UntrustedCheckpointError as e:
+        if is_main:
+            print(f"checkpoint error: {e}", file=sys.stderr, flush=True)
+        return EXIT_REFUSED
     except CheckpointError as e:
         if is_main:
             print(f"error: {e}", file=sys.stderr, flush=True)
