@@ -99,7 +99,7 @@ def validate_layout(parallel: Any, model: ModelConfig, world_size: int) -> Layou
     _check(world_size >= 1, "parallel", f"world size must be >= 1, got {world_size}")
     _check(
         world_size % (tp * pp) == 0,
-        "parallel.tp",
+        "parallel.tp" if tp > 1 else "parallel.pp",
         f"world size {world_size} is not divisible by tp*pp = {tp}*{pp} = {tp * pp}; launch a multiple of "
         f"{tp * pp} ranks or change parallel.tp/parallel.pp",
     )
