@@ -13,7 +13,8 @@ Layout under ``run_dir/checkpoints``::
     latest -> step_200   symlink, replaced atomically only after a checkpoint is complete
 
 A checkpoint is written to ``step_N.tmp`` first and renamed when every rank has finished, so an interrupted or
-failed save (full disk, second signal) never touches the last good one. Nothing here is unpickled: the pieces are
+failed save (full disk, second signal, a rank killed mid-save) never touches the last good one; a resume ignores the
+partial directory (with a warning) and retention removes it. Nothing here is unpickled: the pieces are
 safetensors, the rest JSON; DeepSpeed's pickles are loaded weights-only (train.safe_load), and checked before
 DeepSpeed reads them, so a crafted file is refused on every rank at once.
 """
@@ -174,12 +175,25 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def partial_checkpoints(run_dir: Path) -> list[Path]:
+    """Directories of saves that never finished (``step_N.tmp``: a rank killed or a node lost mid-save). They are
+    never loaded; retention removes them at the next save."""
+    root = checkpoint_root(run_dir)
+    return sorted(p for p in root.glob("step_*.tmp") if p.is_dir()) if root.is_dir() else []
+
+
 def _prune(root: Path, keep_last: int) -> None:
+    """Keeps the newest ``keep_last`` complete checkpoints, and always the one ``latest`` names; removes partial
+    saves (called after this save's directory was published, so no save is in progress)."""
+    latest = (root / "latest").resolve() if (root / "latest").exists() else None
     steps = sorted(
         (int(p.name.split("_")[1]), p) for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")
     )
     for _, path in steps[:-keep_last]:
-        shutil.rmtree(path, ignore_errors=True)
+        if path.resolve() != latest:
+            shutil.rmtree(path, ignore_errors=True)
+    for partial in root.glob("step_*.tmp"):
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def layout_record(module: Any) -> dict[str, Any]:

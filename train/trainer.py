@@ -20,6 +20,7 @@ from train.checkpoint import (
     UntrustedCheckpointError,
     latest_checkpoint,
     load_checkpoint,
+    partial_checkpoints,
     save_checkpoint,
 )
 from train.config import RunConfig
@@ -130,6 +131,10 @@ def run(cfg: RunConfig, config_yaml: str) -> int:
         start_step = int(meta["step"])
         loader.load_state_dict(meta["data"])
         if is_main:
+            partial = partial_checkpoints(run_dir)
+            if partial:
+                print(f"warning: ignoring {', '.join(p.name for p in partial)} in {partial[0].parent}: a save that "
+                      "did not finish (retention removes it at the next checkpoint)", file=sys.stderr, flush=True)
             print(f"resumed from {ckpt} at step {start_step}", flush=True)
     elif is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
