@@ -63,6 +63,16 @@ from model.mamba import MambaMixer
 from model.moe import MoE
 from model.transformer import Transformer
 from train.parallel.shard import SHARD_ATTR, mark_shard
+from train.parallel.sp import (
+    Collective,
+    SeqParallelLinear,
+    SharedGather,
+    all_reduce_copy,
+    copy_to_tp,
+    gather_seq,
+    reduce_scatter_seq,
+    split_seq,
+)
 
 # Attributes a sliced parameter gets anew (everything else, e.g. EP's ``allreduce``/``group_name`` or Mamba's
 # ``_no_weight_decay``, is carried over from the full parameter).
@@ -75,108 +85,6 @@ class _TP:
     rank: int
     size: int
     sp: bool
-
-
-# ------------------------------------------------------------------------------- sequence-parallel mappings
-# megatron-core's SP mappings work along dim 0 of [T, B, D] and allocate with torch.cuda.current_device(); ours
-# are [B, T, D] and must run on CPU (gloo) too, so these go along dim 1 with plain torch.distributed.
-def _seq_part(x: Tensor, size: int) -> int:
-    if x.shape[1] % size != 0:
-        raise ValueError(f"sequence parallelism needs seq_len divisible by tp={size}, got seq_len={x.shape[1]}")
-    return x.shape[1] // size
-
-
-def _gather_seq(x: Tensor, group: Any) -> Tensor:
-    size = dist.get_world_size(group)
-    x = x.contiguous()
-    out = x.new_empty((size * x.shape[0], *x.shape[1:]))
-    dist.all_gather_into_tensor(out, x, group=group)
-    # rank-major [tp * B, t, ...] -> [B, tp * t, ...] (a view when B == 1)
-    return out.view(size, *x.shape).transpose(0, 1).reshape(x.shape[0], size * x.shape[1], *x.shape[2:])
-
-
-def _reduce_scatter_seq(x: Tensor, group: Any) -> Tensor:
-    size = dist.get_world_size(group)
-    part = _seq_part(x, size)
-    rank_major = x.reshape(x.shape[0], size, part, *x.shape[2:]).transpose(0, 1).contiguous()
-    out = x.new_empty((x.shape[0], part, *x.shape[2:]))
-    dist.reduce_scatter_tensor(out, rank_major.view(-1, part, *x.shape[2:]), group=group)
-    return out
-
-
-def _split_seq(x: Tensor, group: Any) -> Tensor:
-    part = _seq_part(x, dist.get_world_size(group))
-    return x.narrow(1, dist.get_rank(group) * part, part).contiguous()
-
-
-def _all_reduce(x: Tensor, group: Any) -> Tensor:
-    # A copy: autograd may hand the same gradient tensor to another branch (both summands of an add). Also why
-    # megatron-core's copy_to_tensor_model_parallel_region is not used: it all-reduces ``grad.contiguous()`` in
-    # place but returns ``grad``, so a non-contiguous gradient (Mamba's B and C for batch > 1) came back unreduced.
-    x = x.clone(memory_format=torch.contiguous_format)
-    dist.all_reduce(x, group=group)
-    return x
-
-
-def _identity(x: Tensor, group: Any) -> Tensor:
-    return x.view_as(x)
-
-
-class _Collective(torch.autograd.Function):
-    """``forward_op(x, group)`` whose backward is ``backward_op(grad, group)``."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, group: Any, forward_op: Any, backward_op: Any) -> Tensor:
-        ctx.group, ctx.backward_op = group, backward_op
-        return forward_op(x, group)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        return ctx.backward_op(grad, ctx.group), None, None, None
-
-
-def _copy_to_tp(x: Tensor, group: Any) -> Tensor:
-    return _Collective.apply(x, group, _identity, _all_reduce)
-
-
-class _SharedGather:
-    """The all-gathered input of one mixer/ffn call, for its column-parallel projections' weight gradients: not
-    kept after forward (the projections save this rank's T/tp rows), gathered again by the first of them to run
-    backward and dropped after the last."""
-
-    def __init__(self, group: Any):
-        self.group, self.pending, self.full = group, 0, None
-
-    def take(self, local: Tensor) -> Tensor:
-        if self.full is None:
-            self.full = _gather_seq(local, self.group)
-        full = self.full
-        self.pending -= 1
-        if self.pending <= 0:
-            self.full = None
-        return full
-
-
-class _SeqParallelLinear(torch.autograd.Function):
-    """``F.linear(full, weight)`` for ``full`` gathered along T from ``local``, saving only ``local``. Megatron's
-    SP linear does the same but gathers per projection into a CUDA buffer, and for [T, B, D]."""
-
-    @staticmethod
-    def forward(ctx: Any, full: Tensor, local: Tensor, weight: Tensor, shared: _SharedGather) -> Tensor:
-        ctx.save_for_backward(local, weight)
-        ctx.shared = shared
-        if weight.requires_grad:
-            shared.pending += 1
-        return F.linear(full, weight)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        local, weight = ctx.saved_tensors
-        grad_weight = None
-        if ctx.needs_input_grad[2]:
-            full = ctx.shared.take(local)
-            grad_weight = grad.reshape(-1, grad.shape[-1]).t().matmul(full.reshape(-1, full.shape[-1]))
-        return grad.matmul(weight), None, grad_weight, None
 
 
 # --------------------------------------------------------------------------------------------- layers
@@ -195,11 +103,11 @@ class _ColumnParallelLinear(_NoExtraState, ColumnParallelLinear):
 
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
         weight = self.weight.flatten(0, -2)
-        source = getattr(x, "sp_source", None)  # (local rows, _SharedGather) when gathered by _enter_region
+        source = getattr(x, "sp_source", None)  # (local rows, SharedGather) when gathered by _enter_region
         if source is None:
             out, _ = super().forward(x, weight=weight)
         else:
-            out = _SeqParallelLinear.apply(x, source[0], weight, source[1])
+            out = SeqParallelLinear.apply(x, source[0], weight, source[1])
         return out if self.bias is None else out + self.bias.flatten()
 
 
@@ -226,7 +134,7 @@ class _RowParallelLinear(_NoExtraState, RowParallelLinear):
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
         if not self.scatter_sequence:
             return super().forward(x)[0]
-        out = _Collective.apply(F.linear(x, self.weight), self.tp_group, _reduce_scatter_seq, _gather_seq)
+        out = Collective.apply(F.linear(x, self.weight), self.tp_group, reduce_scatter_seq, gather_seq)
         return out if self.bias is None else out + self.bias
 
 
@@ -240,7 +148,7 @@ class _VocabParallelEmbedding(_NoExtraState, VocabParallelEmbedding):
     def forward(self, tokens: Tensor) -> Tensor:  # type: ignore[override]
         out = super().forward(tokens)
         if self.scatter_sequence:
-            return _Collective.apply(out, self.tp_group, _split_seq, _gather_seq)
+            return Collective.apply(out, self.tp_group, split_seq, gather_seq)
         return out
 
 
@@ -252,7 +160,7 @@ class TensorParallelExperts:
     tp_group: Any
 
     def _expert_mlp(self, rows: Tensor, counts: Tensor) -> Tensor:
-        rows = _copy_to_tp(rows, self.tp_group)
+        rows = copy_to_tp(rows, self.tp_group)
         out = super()._expert_mlp(rows, counts)  # type: ignore[misc]
         return reduce_from_tensor_model_parallel_region(out.contiguous(), group=self.tp_group)
 
@@ -326,30 +234,30 @@ def _row(linear: nn.Linear, tp: _TP, scatter_sequence: bool) -> _RowParallelLine
 def _sequence_parallel_param(p: nn.Parameter, tp: _TP) -> None:
     """``p`` sees only this rank's T/tp rows: its gradient is the sum over the TP group."""
     p.sequence_parallel = True
-    p.register_hook(functools.partial(_all_reduce, group=tp.group))
+    p.register_hook(functools.partial(all_reduce_copy, group=tp.group))
 
 
 def _enter_region(tp: _TP, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
     """Forward pre-hook of a module whose first layers are column-parallel: one copy (or SP gather) of its input.
     Their input gradients are partial sums over the ranks' columns: all-reduced (SP: reduce-scattered)."""
     if not tp.sp:
-        return (_copy_to_tp(args[0], tp.group), *args[1:])
-    full = _Collective.apply(args[0], tp.group, _gather_seq, _reduce_scatter_seq)
-    full.sp_source = (args[0], _SharedGather(tp.group))
+        return (copy_to_tp(args[0], tp.group), *args[1:])
+    full = Collective.apply(args[0], tp.group, gather_seq, reduce_scatter_seq)
+    full.sp_source = (args[0], SharedGather(tp.group))
     return (full, *args[1:])
 
 
 def _gather_whole_grad(tp: _TP, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
     """SP gather for a module that makes its input gradient whole on every rank itself: backward keeps our part."""
-    return (_Collective.apply(args[0], tp.group, _gather_seq, _split_seq), *args[1:])
+    return (Collective.apply(args[0], tp.group, gather_seq, split_seq), *args[1:])
 
 
 def _split_first_output(tp: _TP, module: nn.Module, args: tuple[Any, ...], out: tuple[Tensor, Tensor]) -> Any:
-    return (_Collective.apply(out[0], tp.group, _split_seq, _gather_seq), *out[1:])
+    return (Collective.apply(out[0], tp.group, split_seq, gather_seq), *out[1:])
 
 
 def _copy_output(tp: _TP, module: nn.Module, args: tuple[Any, ...], out: Tensor) -> Tensor:
-    return _copy_to_tp(out, tp.group)
+    return copy_to_tp(out, tp.group)
 
 
 def _shard_projections(module: nn.Module, tp: _TP, columns: tuple[str, ...], row: str) -> None:
