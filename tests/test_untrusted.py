@@ -8,7 +8,9 @@ and exit code 2 before DeepSpeed reads a file; a resume in another layout, ``pyt
 from __future__ import annotations
 
 import pickle
+import pickletools
 import subprocess
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -65,12 +67,17 @@ def _engine_files(step_dir: Path) -> list[Path]:
     return sorted((step_dir / "ds").rglob("*.pt"))
 
 
-def test_payload_runs_code_when_unpickled(tmp_path):
-    """The control: a plain torch.load of a planted file does run its code."""
+def test_payload_would_run_code_if_unpickled(tmp_path):
+    """The control, read without unpickling it: the planted file's pickle imports ``_plant_marker`` and calls it
+    (REDUCE) with the marker path, which is what any loader that unpickles it would do."""
     crafted, marker = tmp_path / "crafted.pt", tmp_path / "marker"
     plant(crafted, marker)
-    torch.load(crafted, weights_only=False)
-    assert marker.read_text() == "unpickled with arbitrary code"
+    with zipfile.ZipFile(crafted) as archive:
+        data = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+    ops = [(op.name, arg) for op, arg, _ in pickletools.genops(data)]
+    names = [arg for _, arg in ops if isinstance(arg, str)]
+    assert f"{__name__} {_plant_marker.__name__}" in names and str(marker) in names, ops
+    assert "REDUCE" in [name for name, _ in ops] and not marker.exists()
 
 
 # Which registered globals each layout's files need (ZeRO-0 keeps torch's AdamW state in the model file; ZeRO-3
@@ -109,7 +116,7 @@ def test_deepspeed_files_need_exactly_the_registered_globals(layout, zero2_run, 
 
 
 def test_forced_weights_only_stops_deepspeeds_own_load(tmp_path, monkeypatch):
-    """DeepSpeed's checkpoint engine passes weights_only=False; the environment variable overrides it."""
+    """DeepSpeed's checkpoint engine asks torch for a full unpickle; the environment variable overrides it."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
     monkeypatch.setenv(FORCE_WEIGHTS_ONLY, "0")  # restored after the test

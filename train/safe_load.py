@@ -1,7 +1,7 @@
 """No file is unpickled with arbitrary code in this process.
 
 Our own checkpoint files are safetensors and JSON; DeepSpeed's files under ``ds/`` are pickles that its
-``load_checkpoint`` reads with ``torch.load(weights_only=False)``. ``TORCH_FORCE_WEIGHTS_ONLY_LOAD=1``, which
+``load_checkpoint`` reads with torch.load, asking for a full unpickle. ``TORCH_FORCE_WEIGHTS_ONLY_LOAD=1``, which
 torch reads at every ``torch.load`` call, turns those into weights-only loads: only tensors, containers, numbers
 and allowlisted globals are built, so a crafted pickle fails to load instead of running its code.
 """
