@@ -154,6 +154,14 @@ class ModelConfig:
 
     # ---------------------------------------------------------------- derived
     @property
+    def checkpointing_mode(self) -> str:
+        """``activation_checkpointing`` as "none", "full" or "selective" (true / false mean full / none)."""
+        mode = self.activation_checkpointing
+        if isinstance(mode, bool):
+            return "full" if mode else "none"
+        return mode
+
+    @property
     def resolved_head_dim(self) -> int:
         return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
 
@@ -218,8 +226,7 @@ class ModelConfig:
                 raise err("expert_layer_offset", "must be in [0, expert_layer_period)")
             if self.capacity_factor is not None and self.capacity_factor <= 0:
                 raise err("capacity_factor", "must be positive or null (dropless)")
-        if isinstance(self.activation_checkpointing, bool):
-            self.activation_checkpointing = "full" if self.activation_checkpointing else "none"
+        self.activation_checkpointing = self.checkpointing_mode
         if self.activation_checkpointing not in ("none", "full", "selective"):
             raise err("activation_checkpointing", f"got {self.activation_checkpointing!r}; use none, full or selective")
         if self.loss_chunk_tokens is not None and self.loss_chunk_tokens < 1:

@@ -189,14 +189,6 @@ class Activations:
         return self.saved + self.recomputed
 
 
-def checkpointing_mode(cfg: ModelConfig) -> str:
-    """The mode: "none", "full" or "selective" (the config also takes true/false for full/none)."""
-    mode = cfg.activation_checkpointing
-    if isinstance(mode, bool):
-        return "full" if mode else "none"
-    return mode
-
-
 def _norm(width: int, a: int) -> int:
     """RMSNorm computed in fp32: its fp32 input, the 1/rms per token and the normalised input in the activation
     dtype (the output is counted where a matmul saves it)."""
@@ -288,14 +280,14 @@ def head_activation_bytes(cfg: ModelConfig, tokens: int, precision: str = "fp32"
 
 def activations(cfg: ModelConfig, micro_batch: int, seq_len: int, precision: str = "fp32", tp: int = 1,
                 sp: bool = False, layers: range | None = None) -> Activations:
-    """One micro-batch on this rank: its blocks (``layers``, default all) and the head. ``checkpointing_mode``
+    """One micro-batch on this rank: its blocks (``layers``, default all) and the head. ``cfg.checkpointing_mode``
     "full" / "selective": each block keeps its input (and under selective its matmul outputs); during backward the
     rest of one block's activations is alive again."""
     tokens = micro_batch * seq_len
     layers = range(cfg.n_layers) if layers is None else layers
     blocks = [block_activation_bytes(cfg, i, tokens, precision, tp, sp) for i in layers]
     head = head_activation_bytes(cfg, tokens, precision, tp)
-    mode = checkpointing_mode(cfg)
+    mode = cfg.checkpointing_mode
     if mode == "none":
         return Activations(saved=sum(blocks) + head)
     block_input = PRECISION_BYTES[precision] * cfg.d_model * tokens // (tp if sp else 1)
