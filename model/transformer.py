@@ -20,10 +20,8 @@ from model.attention import Attention
 from model.config import ModelConfig
 from model.init import init_buffer, init_parameter, parameter_generator
 from model.layers import LMHead, RMSNorm, SwiGLU, rope_cos_sin
-from model.loss import IGNORE_INDEX, causal_lm_loss
+from model.loss import causal_lm_loss
 from model.recompute import checkpointed
-
-__all__ = ["IGNORE_INDEX", "Block", "ModelOutput", "Transformer", "causal_lm_loss"]
 
 
 def _moe_class() -> type[nn.Module]:

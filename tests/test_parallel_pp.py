@@ -21,7 +21,8 @@ from omegaconf import OmegaConf
 import train.__main__  # noqa: F401  (registers the run-dir resolver used by conf/config.yaml)
 from data.stream import GlobalBatchLoader
 from model.config import ConfigError
-from model.transformer import Transformer, causal_lm_loss
+from model.loss import causal_lm_loss
+from model.transformer import Transformer
 from tests.reference import micro_batch_reference
 from tests.utils import PYTHON, REPO, TINY, child_env, free_port, read_metrics, run_train, train_losses
 from train.config import RunConfig, build_run_config

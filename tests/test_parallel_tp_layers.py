@@ -25,8 +25,9 @@ import torch.multiprocessing as mp
 from megatron.core import parallel_state
 
 from model.config import ModelConfig
+from model.loss import IGNORE_INDEX
 from model.moe import MoE
-from model.transformer import IGNORE_INDEX, Transformer
+from model.transformer import Transformer
 from tests.utils import free_port
 from train.parallel.shard import shard_of
 from train.parallel.tp import TensorParallelExperts, apply_tensor_parallel
