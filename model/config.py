@@ -36,6 +36,8 @@ def _describe(tp: Any) -> str:
         return " or ".join(_describe(a) for a in args)
     if origin is Literal:
         return "one of " + ", ".join(str(a) for a in args)
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return f"a list of {_describe(args[0])} values"
     if origin is tuple:
         return f"a list of {len(args)} {'numbers' if float in args else 'values'}"
     names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
@@ -43,7 +45,7 @@ def _describe(tp: Any) -> str:
 
 
 def convert_value(value: Any, tp: Any, key: str) -> Any:
-    """``value`` as annotated type ``tp`` (int, float, bool, str, Literal, fixed tuples, unions of these, null);
+    """``value`` as annotated type ``tp`` (int, float, bool, str, Literal, tuples, unions of these, null);
     raises ConfigError naming ``key`` and the expected type when it does not fit. Integral floats become ints
     (``1e4`` steps) and numbers become strings for string fields; nothing else is coerced."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -56,6 +58,9 @@ def convert_value(value: Any, tp: Any, key: str) -> Any:
     elif origin is Literal:
         if any(type(value) is type(a) and value == a for a in args):
             return value
+    elif origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        if isinstance(value, list | tuple):
+            return tuple(convert_value(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
     elif origin is tuple:
         if isinstance(value, list | tuple) and len(value) == len(args):
             return tuple(convert_value(v, t, f"{key}[{i}]") for i, (v, t) in enumerate(zip(value, args, strict=True)))

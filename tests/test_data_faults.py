@@ -280,3 +280,30 @@ def test_on_error_config(data):
     assert err.value.key == "data.on_error" and "raise or skip" in str(err.value)
     for conf in sorted(CONF_DATA.glob("*.yaml")):
         assert OmegaConf.load(conf)["on_error"] == "raise", conf.name
+
+
+def test_trainer_logs_the_replaced_samples_and_raise_stops_before_training(tmp_path):
+    from tests.utils import TINY, run_train
+
+    src = tmp_path / "data"
+    tokens = np.arange(60 * 32 + 1, dtype=np.int64) % 8000  # 60 samples of train.seq_len=32, ids < dense_tiny's vocab
+    write_token_shards(src, {"train": [tokens]}, vocab_size=8000, member_tokens=40, shard_tokens=200)
+    _truncate(src)
+    overrides = [*TINY, f"data.sources=[{{path:{src}}}]", "train.steps=8", "train.ckpt_every=8"]
+
+    proc = run_train([*overrides, f"run_dir={tmp_path / 'raise'}"], nproc=2, check=False)
+    assert proc.returncode == 2 and not (tmp_path / "raise").exists()
+    errors = [ln for ln in proc.stderr.splitlines() if "error" in ln]
+    assert len(errors) == 1 and errors[0].startswith("config error: data.sources") and BAD in errors[0], errors
+
+    run_dir = tmp_path / "skip"
+    run_train([*overrides, "data.on_error=skip", f"run_dir={run_dir}"], nproc=2)
+    expected = 0
+    for rank in range(2):
+        cfg = DataConfig(sources=[SourceConfig(str(src))], num_workers=0, on_error="skip")
+        loader = GlobalBatchLoader(cfg, seq_len=32, global_batch_size=4, micro_batch_size=1, dp_rank=rank, dp_size=2,
+                                   seed=1234)
+        expected += sum(len(loader.replaced_rows(step)) for step in range(8))
+    rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    counts = [r["data_replaced_samples"] for r in rows if "data_replaced_samples" in r]
+    assert expected > 0 and counts[-1] == expected

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.utils import PYTHON, REPO, TINY, child_env, train_losses
+from tests.utils import PYTHON, REPO, TINY, child_env, rank_process, read_metrics, train_losses, wait_for_step
 
 pytestmark = pytest.mark.slurm
 
@@ -217,3 +218,86 @@ def test_hydra_multirun_on_slurm_runs_an_array(reference_run: Path, cluster_cpus
         assert "world 2 (dp 2)" in "".join(p.read_text() for p in sweep_dir.glob(f".submitit/*_{job}/*_0_log.out"))
     _assert_same_losses(sweep_dir / "0", reference_run)
     assert train_losses(sweep_dir / "1")[STEPS] != pytest.approx(train_losses(reference_run)[STEPS], abs=1e-5)
+
+
+# ---- a rank lost for good (SIGKILL: OOM killer, node crash) -----------------------------------------------------
+
+def _kill_rank_one(run_dir: Path, must_contain: str, alive: Callable[[], bool]) -> float:
+    """SIGKILLs rank 1 (SLURM task 1) once step 6 is logged (after the checkpoint at 4); returns the time."""
+    wait_for_step(run_dir, 6, timeout=240, alive=alive)
+    pid = rank_process(1, "SLURM_PROCID", must_contain)
+    assert pid, f"no rank-1 process with {must_contain!r}"
+    os.kill(pid, signal.SIGKILL)
+    return time.monotonic()
+
+
+def _assert_each_step_once(run_dir: Path, reference_dir: Path) -> None:
+    """The relaunch replayed the steps after its checkpoint: every step once, on its own batch, with the
+    uninterrupted run's losses."""
+    rows = {r["step"]: r for r in read_metrics(run_dir) if "loss" in r}
+    assert sorted(rows) == list(range(1, STEPS + 1))
+    assert [rows[s]["batch"] for s in sorted(rows)] == list(range(STEPS))
+    _assert_same_losses(run_dir, reference_dir)
+
+
+def test_sigkilled_rank_under_srun_ends_the_job_and_the_relaunch_resumes(
+    reference_run: Path, cluster_cpus: int, tmp_path: Path, cancel_jobs: list[str]
+) -> None:
+    run_dir = tmp_path / "run"
+    command = (f"{PYTHON} -m launch.run --launcher srun --nodes 1 --gpus-per-node 2 --device cpu -- "
+               + " ".join([*OVERRIDES, f"train.seed={SEED}", f"run_dir={run_dir}"]))
+
+    def submit(log: Path) -> str:
+        job_id = sbatch(["--ntasks=2", "--cpus-per-task=1", "--time=10", f"--output={log}", f"--wrap={command}"],
+                        _job_env())
+        cancel_jobs.append(job_id)
+        return job_id
+
+    log = tmp_path / "killed.out"
+    job_id = submit(log)
+    killed_at = _kill_rank_one(run_dir, f"run_dir={run_dir}",
+                               alive=lambda: job_fields(job_id)["JobState"] not in FINAL_STATES)
+    fields = wait_finished(job_id, log, timeout=60)
+    assert time.monotonic() - killed_at < 30, "the surviving rank did not end promptly"
+    assert fields["JobState"] == "FAILED" and fields["ExitCode"] != "0:0", log.read_text()[-3000:]
+
+    log = tmp_path / "relaunch.out"
+    fields = wait_finished(submit(log), log)
+    assert fields["JobState"] == "COMPLETED", log.read_text()[-3000:]
+    assert "resumed from" in log.read_text()
+    _assert_each_step_once(run_dir, reference_run)
+
+
+def test_sigkilled_rank_under_submitit_fails_the_job_and_the_rerun_resumes(
+    reference_run: Path, cluster_cpus: int, tmp_path: Path, cancel_jobs: list[str]
+) -> None:
+    """Hydra's submitit launcher runs each task without srun's kill-on-bad-exit: the surviving rank must end by
+    itself (the broken connection, then one error line) for the job to fail. Hydra records the failure in the job's
+    result; the submitting process reads it once SLURM reports the job finished, which submitit learns from sacct:
+    this one-node cluster keeps no accounting, so that process waits for the killed task forever and the test
+    stops it once the job has failed."""
+    sweep_dir = tmp_path / "sweep"
+    cmd = [PYTHON, "-m", "train", "--multirun", "hydra/launcher=slurm", "hydra.launcher.gpus_per_node=null",
+           "hydra.launcher.tasks_per_node=2", f"hydra.launcher.cpus_per_task={max(1, cluster_cpus // 2)}",
+           "hydra.launcher.timeout_min=15", f"hydra.sweep.dir={sweep_dir}", *OVERRIDES, f"train.seed={SEED}"]
+    with open(tmp_path / "sweep.out", "w") as out:
+        sweep = subprocess.Popen(cmd, cwd=REPO, env=_job_env(), stdout=out, stderr=subprocess.STDOUT)
+    try:
+        killed_at = _kill_rank_one(sweep_dir / "0", "submitit", alive=lambda: sweep.poll() is None)
+        job_id = next(sweep_dir.glob(".submitit/*/*_submission.sh")).name.split("_")[0]
+        cancel_jobs.append(job_id)
+        log = sweep_dir / ".submitit" / job_id / f"{job_id}_0_log.out"
+        fields = wait_finished(job_id, log, timeout=60)
+        assert time.monotonic() - killed_at < 30, "the surviving rank did not end promptly"
+    finally:
+        sweep.kill()
+        sweep.wait()
+    text = log.read_text()
+    assert fields["JobState"] == "FAILED", text[-3000:]
+    lost = [ln for ln in text.splitlines() if "lost a peer" in ln]
+    assert len(lost) == 1 and lost[0].startswith("error: rank 0: lost a peer at step"), text[-3000:]
+    assert "ending this rank so the job can be relaunched from" in lost[0] and "checkpoints/step_" in lost[0]
+
+    rerun = subprocess.run(cmd, check=False, cwd=REPO, env=_job_env(), capture_output=True, text=True, timeout=400)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    _assert_each_step_once(sweep_dir / "0", reference_run)

@@ -100,3 +100,37 @@ def start_from_checkpoint(src_run: Path, dst_run: Path, step: int) -> Path:
     shutil.copytree(Path(src_run) / "checkpoints" / f"step_{step}", ckpts / f"step_{step}")
     os.symlink(f"step_{step}", ckpts / "latest")
     return Path(dst_run)
+
+
+def rank_process(rank: int, rank_var: str, must_contain: str) -> int | None:
+    """The pid of the trainer rank whose environment has ``rank_var=rank`` and whose command line contains
+    ``must_contain`` (its data-loader workers share both: the one whose parent is not a match)."""
+    matches: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if must_contain in cmdline and f"{rank_var}={rank}".encode() in environ and "python" in cmdline:
+            matches[int(entry.name)] = ppid
+    roots = [pid for pid, ppid in matches.items() if ppid not in matches]
+    return roots[0] if len(roots) == 1 else None
+
+
+def wait_for_step(run_dir: Path, step: int, timeout: float, alive: Any = None) -> None:
+    """Until metrics.jsonl has a train record at ``step`` or later (``alive()`` False: the run ended early)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        path = Path(run_dir) / "metrics.jsonl"
+        if path.exists() and any(r.get("step", 0) >= step for r in read_metrics(run_dir) if "loss" in r):
+            return
+        if alive is not None and not alive():
+            raise AssertionError(f"the run in {run_dir} ended before step {step}")
+        time.sleep(0.2)
+    raise AssertionError(f"no step {step} in {run_dir} after {timeout} s")

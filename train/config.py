@@ -7,7 +7,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -121,6 +121,19 @@ class TrainConfig:
     peak_flops: float | None = None
     # torch.compile each decoder block (`model.compile.compile_blocks`); the first steps pay the compilation.
     compile: bool = False
+    # A NaN/inf loss or gradient on any rank: no rank applies that update, then "stop" (exit, save nothing),
+    # "skip" (go on; the step and the lr schedule advance) or "rollback" (reload the last checkpoint and skip
+    # the offending batch, at most max_rollbacks times per launch).
+    on_nan: Literal["stop", "skip", "rollback"] = "stop"
+    max_rollbacks: int = 3
+    skip_batches: tuple[int, ...] = ()  # global batch indices (metrics' "batch") never trained on
+    # A loss more than spike_zscore standard deviations above the mean of the last spike_window losses is
+    # reported (console, metrics.jsonl, W&B).
+    spike_window: int = 100
+    spike_zscore: float = 6.0
+    # A rank whose main thread makes no progress for this long (its peers stalled in a collective) names the
+    # stalled rank and exits; set it above the longest checkpoint save. The process groups time out 60 s later.
+    collective_timeout_s: float = 300.0
 
     def validate(self, dp_size: int, model: ModelConfig, parallel: ParallelConfig) -> None:
         for key in ("steps", "micro_batch_size", "global_batch_size", "seq_len"):
@@ -165,6 +178,16 @@ class TrainConfig:
                 raise ConfigError(f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
         if self.grad_clip < 0:
             raise ConfigError("train.grad_clip", f"must be >= 0 (0 disables clipping), got {self.grad_clip}")
+        if self.max_rollbacks < 0:
+            raise ConfigError("train.max_rollbacks", f"must be >= 0, got {self.max_rollbacks}")
+        if any(b < 0 for b in self.skip_batches):
+            raise ConfigError("train.skip_batches", f"batch indices start at 0, got {list(self.skip_batches)}")
+        if self.spike_window < 2:
+            raise ConfigError("train.spike_window", f"must be >= 2, got {self.spike_window}")
+        if self.collective_timeout_s < 5:
+            raise ConfigError("train.collective_timeout_s", f"must be >= 5 seconds, got {self.collective_timeout_s}")
+        if self.spike_zscore <= 0:
+            raise ConfigError("train.spike_zscore", f"must be positive, got {self.spike_zscore}")
 
 
 @dataclass

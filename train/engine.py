@@ -61,8 +61,9 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     return requested
 
 
-def init_distributed(device: torch.device) -> None:
-    """Creates the default process group (gloo on CPU, nccl on GPU) through DeepSpeed."""
+def init_distributed(device: torch.device, timeout: timedelta = timedelta(minutes=30)) -> None:
+    """Creates the default process group (gloo on CPU, nccl on GPU) through DeepSpeed; ``timeout`` bounds every
+    collective on it."""
     import deepspeed
 
     # DeepSpeed JIT-compiles its shared-memory comm op on first init on CPU (~3 min) although
@@ -74,7 +75,7 @@ def init_distributed(device: torch.device) -> None:
         deepspeed.init_distributed(
             dist_backend="nccl" if device.type == "cuda" else "gloo",
             auto_mpi_discovery=False,
-            timeout=timedelta(minutes=30),
+            timeout=timeout,
         )
 
 

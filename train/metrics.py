@@ -82,6 +82,7 @@ class MetricsLogger:
         self._step_last = start_step
         self._t_start = self._t_last
         self._wandb = None
+        self._wandb_step = -1  # W&B refuses steps below one it has seen (replayed steps after a rollback)
         self._logged = False
         if not enabled:
             return
@@ -95,6 +96,18 @@ class MetricsLogger:
             return
         kept = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
         self.path.write_text("".join(ln + "\n" for ln in kept))
+
+    def rewind(self, step: int) -> None:
+        """After a rollback to ``step``: the file forgets later steps, as on resume. W&B keeps its points (it
+        cannot rewrite history) and receives the replayed steps only once they pass what it has."""
+        self._t_last, self._step_last = time.perf_counter(), step
+        if self.enabled:
+            self._truncate_after(step)
+
+    def _wandb_log(self, payload: dict[str, Any], step: int) -> None:
+        if self._wandb is not None and step >= self._wandb_step:
+            self._wandb.log(payload, step=step)
+            self._wandb_step = step
 
     def _write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:
@@ -131,7 +144,7 @@ class MetricsLogger:
             payload = {f"train/{k}": v for k, v in record.items() if k not in ("step", "tokens", "flops")}
             payload.update({"train/tokens": record["tokens"], "train/flops": record["flops"]})
             payload["flops/loss"] = record["loss"]
-            self._wandb.log(payload, step=step)
+            self._wandb_log(payload, step)
         return record
 
     def log_eval(self, step: int, eval_loss: float) -> None:
@@ -141,19 +154,17 @@ class MetricsLogger:
         record = {"step": step, "tokens": tokens, "flops": tokens * self.flops_per_token, "eval_loss": eval_loss}
         self._write(record)
         print(f"eval  {step:>6}/{self.total_steps} | eval_loss {eval_loss:.4f} | ppl {_exp(eval_loss):.2f}", flush=True)
-        if self._wandb is not None:
-            self._wandb.log(
-                {"eval/loss": eval_loss, "train/tokens": tokens, "train/flops": record["flops"], "flops/eval_loss": eval_loss},
-                step=step,
-            )
+        self._wandb_log(
+            {"eval/loss": eval_loss, "train/tokens": tokens, "train/flops": record["flops"], "flops/eval_loss": eval_loss},
+            step,
+        )
 
     def log_extra(self, step: int, values: dict[str, float]) -> None:
         """Per-layer MoE load and other diagnostics (W&B and jsonl only, not the console)."""
         if not self.enabled or not values:
             return
         self._write({"step": step, **values})
-        if self._wandb is not None:
-            self._wandb.log(values, step=step)
+        self._wandb_log(values, step)
 
     def summary(self, values: dict[str, Any]) -> None:
         if not self.enabled:

@@ -21,6 +21,7 @@ from model.compile import compile_blocks
 from model.transformer import Transformer
 from train.config import RunConfig
 from train.engine import build_optimizer, build_scheduler, deepspeed_config, zero3_master_weights_shared
+from train.numerics import NonFiniteGuard
 from train.parallel.dims import Layout
 from train.parallel.grad import install_clipping
 from train.parallel.groups import ParallelGroups
@@ -43,11 +44,28 @@ class TrainModule(ABC):
     layout: Layout
     groups: ParallelGroups
     sequence_parallel: bool
+    guard: NonFiniteGuard
+    vocab_size: int
+
+    def train_batch(self, batch: torch.Tensor, step: int | None = None) -> dict[str, Any]:
+        """Optimizer step ``step`` (1-based; default: the one after the previous call). ``ce_loss`` and
+        ``aux_loss``: means over this rank's micro-batches (the trainer averages them over ranks); ``grad_norm``:
+        the global norm before clipping (None if unknown); ``nonfinite_ranks``: the ranks that saw a NaN/inf gradient or loss (the same list on every rank), in
+        which case no rank applied the update and the lr schedule still advanced."""
+        self.guard.begin_step(self.guard.step + 1 if step is None else step)
+        self._nonfinite: list[int] = []
+        out = self._train_batch(self.guard.watch_batch(batch, self.vocab_size))
+        if self.guard.skip_update and not self.engine.was_step_applied():
+            # DeepSpeed skipped the step itself (its fp32 ZeRO-1/2 overflow check) and, with it, the schedule.
+            self.engine.lr_scheduler.step()
+        return {**out, "nonfinite_ranks": list(self._nonfinite)}
 
     @abstractmethod
-    def train_batch(self, batch: torch.Tensor) -> dict[str, torch.Tensor | None]:
-        """One optimizer step. ``ce_loss`` and ``aux_loss``: means over this rank's micro-batches (the trainer
-        averages them over ranks); ``grad_norm``: the global norm before clipping (None if unknown)."""
+    def _train_batch(self, batch: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        """The step itself; calls ``self._agree()`` between the last backward and the optimizer step."""
+
+    def _agree(self) -> None:
+        self._nonfinite = self.guard.agree()
 
     @abstractmethod
     def eval_batch(self, batch: torch.Tensor) -> torch.Tensor:
@@ -124,7 +142,7 @@ def _step_norm(engine: Any, recorder: _NormRecorder) -> torch.Tensor | None:
 
 
 def _initialize(module: nn.Module, cfg: RunConfig, groups: ParallelGroups, precision: str, mpu: Any,
-                extra_config: dict[str, Any]) -> tuple[Any, _NormRecorder]:
+                extra_config: dict[str, Any], device: torch.device) -> tuple[Any, _NormRecorder, NonFiniteGuard]:
     """deepspeed.initialize with torch AdamW (expert parameters in DeepSpeed's MoE groups) and our schedule.
     fp32 ZeRO-0 clips with train.parallel.grad (DeepSpeed's averages per-rank norms there)."""
     import deepspeed
@@ -136,12 +154,13 @@ def _initialize(module: nn.Module, cfg: RunConfig, groups: ParallelGroups, preci
     if cfg.parallel.zero_stage == 0 and precision == "fp32":
         ds_config["gradient_clipping"] = 0.0
         install_clipping(optimizer, module, groups, cfg.train.grad_clip, recorder)
+    guard = NonFiniteGuard(module.parameters(), optimizer, device)
     with zero3_master_weights_shared():
         engine, _, _, _ = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=mpu,
             dist_init_required=False,
         )
-    return engine, recorder
+    return engine, recorder, guard
 
 
 class DeepSpeedTrainModule(TrainModule):
@@ -152,16 +171,19 @@ class DeepSpeedTrainModule(TrainModule):
         self.layout, self.groups, self.device = groups.layout, groups, device
         self.sequence_parallel = cfg.parallel.sp
         mpu = groups if self.layout.tp > 1 else None
-        self.engine, self._norm = _initialize(model, cfg, groups, precision, mpu, extra_config)
+        self.engine, self._norm, self.guard = _initialize(model, cfg, groups, precision, mpu, extra_config, device)
+        self.vocab_size = cfg.model.vocab_size
 
-    def train_batch(self, batch: torch.Tensor) -> dict[str, torch.Tensor | None]:
+    def _train_batch(self, batch: torch.Tensor) -> dict[str, torch.Tensor | None]:
         self._norm.value = None
         ce_sum = torch.zeros((), device=self.device)
         aux_sum = torch.zeros((), device=self.device)
-        for micro in batch:
+        for i, micro in enumerate(batch):
             micro = micro.to(self.device, non_blocking=True)
             out = self.engine(micro[:, :-1], labels=micro[:, 1:])
-            self.engine.backward(out.loss)
+            self.engine.backward(self.guard.watch_loss(out.loss))
+            if i == len(batch) - 1:
+                self._agree()
             self.engine.step()  # DeepSpeed accumulates and steps the optimizer at the last micro-batch
             ce_sum += out.ce_loss.detach().float()
             aux_sum += out.aux_loss.detach().float()
@@ -191,13 +213,26 @@ class PipelineTrainModule(TrainModule):
 
     def __init__(self, model: Transformer, cfg: RunConfig, groups: ParallelGroups, precision: str,
                  device: torch.device, extra_config: dict[str, Any]) -> None:
+        from deepspeed.runtime.pipe.schedule import OptimizerStep
+
         from train.parallel.pp import build_pipeline_module
 
         self.layout, self.groups, self.device = groups.layout, groups, device
         self.sequence_parallel = cfg.parallel.sp
         seq_shards = self.layout.tp if cfg.parallel.sp else 1
         pipe = build_pipeline_module(model, groups, cfg.parallel.pp_partition, seq_shards)
-        self.engine, self._norm = _initialize(pipe, cfg, groups, precision, None, extra_config)
+        self.engine, self._norm, self.guard = _initialize(pipe, cfg, groups, precision, None, extra_config, device)
+        self.vocab_size = cfg.model.vocab_size
+        # The schedule's optimizer step is the one point every stage reaches after its last backward.
+        instructions = dict(type(self.engine)._INSTRUCTION_MAP)
+        optimizer_step = instructions[OptimizerStep]
+
+        def agree_then_step(engine: Any, *args: Any, **kwargs: Any) -> Any:
+            self._agree()
+            return optimizer_step(engine, *args, **kwargs)
+
+        instructions[OptimizerStep] = agree_then_step
+        self.engine._INSTRUCTION_MAP = instructions
 
     @staticmethod
     def _micro_batches(batch: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -205,7 +240,7 @@ class PipelineTrainModule(TrainModule):
         for micro in batch:
             yield micro[:, :-1], micro[:, 1:]
 
-    def train_batch(self, batch: torch.Tensor) -> dict[str, torch.Tensor | None]:
+    def _train_batch(self, batch: torch.Tensor) -> dict[str, torch.Tensor | None]:
         if batch.shape[0] != self.engine.micro_batches:
             raise ValueError(f"batch has {batch.shape[0]} micro-batches, the pipeline expects {self.engine.micro_batches}")
         self._norm.value = None

@@ -4,9 +4,12 @@ gives each data-parallel rank its slice of the global batch, `train.checkpoint` 
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import signal
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +29,48 @@ from train.checkpoint import (
 from train.config import RunConfig
 from train.engine import init_distributed, resolve_device, resolve_precision
 from train.metrics import MetricsLogger, peak_flops_per_device
+from train.numerics import SpikeDetector
 from train.parallel.dims import make_layout
 from train.parallel.groups import init_groups
 from train.safe_load import deepspeed_safe_globals, forbid_unsafe_unpickling
 from train.train_module import TrainModule, build_train_module
+from train.watchdog import EXIT_STALLED, Watchdog
 
+# The process groups' own timeout, a backstop behind the watchdog's (which names the stalled rank).
+PG_TIMEOUT_MARGIN_S = 60
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: the job stopped on a signal after a checkpoint; requeue it
 EXIT_REFUSED = 2  # like a config error: rerunning the same command cannot succeed
+SKIPPED_BATCHES = "skipped_batches.json"  # in the run dir: batches rolled back over, for every later launch
+EXIT_NONFINITE = 3  # train.on_nan=stop (or rollbacks exhausted): nothing saved after the last checkpoint
+
+
+class FaultCounters:
+    """What went wrong so far in the run (steps with NaN/inf, rollbacks, loss spikes, samples of bad shards
+    replaced under data.on_error=skip), carried in every checkpoint's data state."""
+
+    def __init__(self) -> None:
+        self.nonfinite_steps = self.rollbacks = self.spikes = self.replaced_samples = 0
+        self.skipped_batches: set[int] = set()
+
+    def load(self, data_state: dict[str, Any]) -> None:
+        saved = data_state.get("faults", {})
+        self.nonfinite_steps = int(saved.get("nonfinite_steps", 0))
+        self.rollbacks = int(saved.get("rollbacks", 0))
+        self.spikes = int(saved.get("spikes", 0))
+        self.replaced_samples = int(saved.get("replaced_samples", 0))
+        self.skipped_batches = {int(b) for b in saved.get("skipped_batches", [])}
+
+    def state_dict(self, skipped_batches: set[int]) -> dict[str, Any]:
+        return {"faults": {"nonfinite_steps": self.nonfinite_steps, "rollbacks": self.rollbacks,
+                           "spikes": self.spikes, "replaced_samples": self.replaced_samples,
+                           "skipped_batches": sorted(skipped_batches)}}
+
+    def metrics(self, zscore: float | None) -> dict[str, float]:
+        out = {"nonfinite_steps": float(self.nonfinite_steps), "rollbacks": float(self.rollbacks),
+               "loss_spikes": float(self.spikes), "data_replaced_samples": float(self.replaced_samples)}
+        if zscore is not None:
+            out["loss_zscore"] = zscore
+        return out
 
 
 class StopRequest:
@@ -102,11 +140,11 @@ def run(cfg: RunConfig, config_yaml: str) -> int:
     forbid_unsafe_unpickling(deepspeed_safe_globals())  # before DeepSpeed can load a file
     device = resolve_device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device)
-    init_distributed(device)
+    init_distributed(device, timedelta(seconds=cfg.train.collective_timeout_s + PG_TIMEOUT_MARGIN_S))
     rank, world = _rank(), dist.get_world_size()
     # TP ranks of one DP rank read the same data: the loader's rank/size are the layout's, not the global ones.
     layout = make_layout(cfg.parallel, cfg.model, world, rank)
-    groups = init_groups(layout)
+    groups = init_groups(layout, timedelta(seconds=cfg.train.collective_timeout_s + PG_TIMEOUT_MARGIN_S))
     dp_rank = layout.dp_rank
     is_main = rank == 0
     run_dir = cfg.run_dir
@@ -115,10 +153,13 @@ def run(cfg: RunConfig, config_yaml: str) -> int:
     loader = data_loader(cfg, dp_rank)
 
     start_step = 0
+    faults = FaultCounters()
     try:
         ckpt = latest_checkpoint(run_dir) if cfg.train.resume == "auto" else None
         if ckpt is not None:
             meta = load_checkpoint(module, ckpt)
+            faults.load(meta["data"])
+            loader.load_state_dict(meta["data"])
     except UntrustedCheckpointError as e:
         if is_main:
             print(f"checkpoint error: {e}", file=sys.stderr, flush=True)
@@ -127,9 +168,12 @@ def run(cfg: RunConfig, config_yaml: str) -> int:
         if is_main:
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
+    except ValueError as e:  # the data stream changed since the checkpoint (the message says how)
+        if is_main:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_REFUSED
     if ckpt is not None:
         start_step = int(meta["step"])
-        loader.load_state_dict(meta["data"])
         if is_main:
             partial = partial_checkpoints(run_dir)
             if partial:
@@ -142,6 +186,7 @@ def run(cfg: RunConfig, config_yaml: str) -> int:
         (run_dir / "config.yaml").write_text(config_yaml)
     if dist.is_initialized():
         dist.barrier()
+    skip = set(cfg.train.skip_batches) | faults.skipped_batches | read_skipped_batches(run_dir)
 
     counts = param_counts(cfg.model)
     fpt = flops_per_token(cfg.model, cfg.train.seq_len)
@@ -170,12 +215,26 @@ def run(cfg: RunConfig, config_yaml: str) -> int:
     last_saved = start_step if ckpt is not None else -1
     first_loss = last_loss = None
     exit_code = 0
+    spikes = SpikeDetector(cfg.train.spike_window, cfg.train.spike_zscore)
+    rollbacks_left = cfg.train.max_rollbacks  # per launch: a relaunch may try again
+
+    watchdog = Watchdog(cfg.train.collective_timeout_s, rank, world, lambda: _last_good(run_dir))
 
     def checkpoint() -> None:
         nonlocal last_saved
         if last_saved != step:
-            save_checkpoint(module, run_dir, step, loader.state_dict(), config_yaml, cfg.train.keep_last)
+            watchdog.progress(step, "checkpoint save")
+            data_state = loader.state_dict() | faults.state_dict(skip)
+            save_checkpoint(module, run_dir, step, data_state, config_yaml, cfg.train.keep_last)
             last_saved = step
+
+    def next_batch() -> tuple[int, torch.Tensor]:
+        """(global batch index, this rank's batch), passing over the batches listed to skip."""
+        while True:
+            index = loader.next_step
+            batch = next(batches)
+            if index not in skip:
+                return index, batch
 
     batches = iter(loader)
     try:
@@ -186,31 +245,79 @@ def run(cfg: RunConfig, config_yaml: str) -> int:
                 if is_main:
                     print(f"stopped on signal at step {step}; checkpoint saved; exit {EXIT_PREEMPTED} (requeue)")
                 break
+            watchdog.progress(step, "train step")
+            if step == start_step + 1:
+                watchdog.arm()
             lr = module.lr()
-            losses = module.train_batch(next(batches))
+            index, batch = next_batch()
+            losses = module.train_batch(batch, step + 1)
             step += 1
-            reduced = _mean_across_ranks(torch.stack([losses["ce_loss"], losses["aux_loss"]]))
+            replaced = torch.tensor(float(loader.replaced_samples))
+            reduced = _mean_across_ranks(torch.stack([losses["ce_loss"], losses["aux_loss"], replaced.to(device)]))
             ce, aux = float(reduced[0]), float(reduced[1])
-            if not math.isfinite(ce):
-                raise FloatingPointError(f"loss became {ce} at step {step}; lower optim.lr or check the data")
+            # Each data-parallel rank's count is held by world/dp ranks (TP and PP ranks read the same data).
+            faults.replaced_samples += round(float(reduced[2]) * layout.dp)
+            bad = losses["nonfinite_ranks"]
+            if bad or not math.isfinite(ce):
+                faults.nonfinite_steps += 1
+                what = (f"step {step} (batch {index}): NaN/inf loss or gradient on rank(s) {bad}; no rank applied "
+                        "the update" if bad else f"step {step} (batch {index}): the loss is {ce} (gradients finite)")
+                logger.log_extra(step, {"batch": index, "nonfinite_steps": faults.nonfinite_steps})
+                if cfg.train.on_nan == "skip":
+                    if is_main:
+                        print(f"warning: {what} (train.on_nan=skip)", file=sys.stderr, flush=True)
+                    module.post_batch()
+                elif cfg.train.on_nan == "rollback" and rollbacks_left > 0 and latest_checkpoint(run_dir) is not None:
+                    target = latest_checkpoint(run_dir)
+                    watchdog.progress(step, "rollback")
+                    batches.close()
+                    meta = load_checkpoint(module, target)
+                    faults.rollbacks += 1
+                    rollbacks_left -= 1
+                    skip.add(index)
+                    if is_main:
+                        record_skipped_batches(run_dir, skip)
+                    loader.load_state_dict(meta["data"])
+                    step = last_saved = int(meta["step"])
+                    batches = iter(loader)
+                    logger.rewind(step)
+                    if is_main:
+                        print(f"warning: {what}; rolled back to {target} (step {step}); batch {index} is skipped "
+                              f"from now on ({rollbacks_left} more rollbacks allowed in this launch)",
+                              file=sys.stderr, flush=True)
+                else:
+                    if is_main:
+                        print(f"error: {what}; stopping without saving ({_nonfinite_hint(cfg, run_dir, index)})",
+                              file=sys.stderr, flush=True)
+                    exit_code = EXIT_NONFINITE
+                    break
+                continue
             first_loss = ce if first_loss is None else first_loss
             last_loss = ce
+            zscore, spike = spikes.update(ce)
             moe_stats = module.post_batch()
-            if step % cfg.logging.log_every == 0 or step == end_step or step == start_step + 1:
+            if spike:
+                faults.spikes += 1
+                if is_main:
+                    print(f"warning: loss spike at step {step} (batch {index}): {ce:.4f} is {zscore:.1f} standard "
+                          f"deviations above the last {len(spikes.history)} steps' mean", file=sys.stderr, flush=True)
+            if step % cfg.logging.log_every == 0 or step == end_step or step == start_step + 1 or spike:
                 grad_norm = losses["grad_norm"]
                 logger.log_train(
                     step,
                     {"loss": ce + aux, "ce_loss": ce, "aux_loss": aux, "lr": lr,
-                     "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")},
+                     "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"), "batch": index},
                 )
-                logger.log_extra(step, moe_stats)
+                logger.log_extra(step, moe_stats | faults.metrics(zscore))
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
+                watchdog.progress(step, "eval")
                 eval_loss = evaluate(module, cfg, device)
                 if eval_loss is not None:
                     logger.log_eval(step, eval_loss)
             if step % cfg.train.ckpt_every == 0 or step == end_step:
                 checkpoint()
         if exit_code == 0 and step == cfg.train.steps:
+            watchdog.progress(step, "final eval")
             eval_loss = evaluate(module, cfg, device)
             if eval_loss is not None:
                 logger.log_eval(step, eval_loss)
@@ -236,15 +343,60 @@ def run(cfg: RunConfig, config_yaml: str) -> int:
         if is_main:
             print(f"error: {e}", file=sys.stderr, flush=True)
         exit_code = 1
+    except RuntimeError as e:
+        if not _peer_failure(e):
+            raise
+        cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: rank {rank}: lost a peer at step {step} ({cause}); ending this rank so the job can be "
+              f"relaunched from {_last_good(run_dir)}", file=sys.stderr, flush=True)
+        exit_code = EXIT_STALLED
     finally:
         # Shut the prefetch workers down now, on every path: they ignore SIGTERM (see data.stream), so
         # multiprocessing's exit-time terminate() could not stop them and the process would never exit.
         batches.close()
+        watchdog.close()
         wandb_dir = logger.wandb_dir
         logger.close()
-    if is_main and exit_code != 1:
+    if is_main and exit_code not in (1, EXIT_NONFINITE, EXIT_STALLED):
         _print_where(run_dir, first_loss, last_loss, start_step, step, wandb_dir)
     return exit_code
+
+
+def _peer_failure(e: BaseException) -> bool:
+    """A collective failed because another rank died or its connection broke (not a bug in this rank)."""
+    if isinstance(e, dist.DistError):
+        return True
+    text = str(e)
+    return any(s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                                   "NCCL communicator was aborted", "Timed out waiting"))
+
+
+def _last_good(run_dir: Path) -> str:
+    try:
+        return str(latest_checkpoint(run_dir) or "the start (no checkpoint yet)")
+    except CheckpointError:
+        return "its last complete checkpoint"
+
+
+def read_skipped_batches(run_dir: Path) -> set[int]:
+    path = run_dir / SKIPPED_BATCHES
+    return {int(b) for b in json.loads(path.read_text())} if path.is_file() else set()
+
+
+def record_skipped_batches(run_dir: Path, skip: set[int]) -> None:
+    """Beside the checkpoints, at once: a relaunch from a checkpoint older than the rollback skips them too."""
+    tmp = run_dir / (SKIPPED_BATCHES + ".tmp")
+    tmp.write_text(json.dumps(sorted(skip)))
+    os.replace(tmp, run_dir / SKIPPED_BATCHES)
+
+
+def _nonfinite_hint(cfg: RunConfig, run_dir: Path, index: int) -> str:
+    latest = latest_checkpoint(run_dir)
+    where = f"the last checkpoint is {latest}" if latest else "no checkpoint yet"
+    if cfg.train.on_nan == "rollback":
+        return f"{where}; train.max_rollbacks={cfg.train.max_rollbacks} reached or nothing to roll back to"
+    return (f"{where}; relaunch with train.on_nan=rollback or skip, train.skip_batches=[{index}], "
+            "or a lower optim.lr")
 
 
 def _layout_text(layout: Any) -> str:

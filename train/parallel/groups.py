@@ -9,6 +9,7 @@ data-parallel run uses the world group and never imports megatron-core (its impo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -99,7 +100,7 @@ def init_groups(layout: Layout, timeout: timedelta = timedelta(minutes=30)) -> P
     mpu.initialize_model_parallel(
         tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
         expert_model_parallel_size=layout.ep, expert_tensor_parallel_size=layout.tp,
-        distributed_timeout_minutes=max(1, int(timeout.total_seconds() // 60)), create_gloo_process_groups=False,
+        distributed_timeout_minutes=max(1, math.ceil(timeout.total_seconds() / 60)), create_gloo_process_groups=False,
     )
     groups = ParallelGroups(
         layout,
