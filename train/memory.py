@@ -61,10 +61,16 @@ def _split_kind(name: str) -> str:
 
 def param_specs(cfg: ModelConfig) -> tuple[ParamSpec, ...]:
     """Every parameter of ``Transformer(cfg)`` (a tied head once), from a model built on the meta device."""
-    from train.parallel.init import single_device_shapes
+    key = repr(cfg)  # the planner's search asks for the same model thousands of times
+    if key not in _SPECS:
+        from train.parallel.init import single_device_shapes
 
-    shapes = single_device_shapes(cfg)
-    return tuple(ParamSpec(name, math.prod(shape), _split_kind(name)) for name, shape in shapes.items())
+        shapes = single_device_shapes(cfg)
+        _SPECS[key] = tuple(ParamSpec(name, math.prod(shape), _split_kind(name)) for name, shape in shapes.items())
+    return _SPECS[key]
+
+
+_SPECS: dict[str, tuple[ParamSpec, ...]] = {}
 
 
 def local_numels(cfg: ModelConfig, layout: Layout, names: set[str] | None = None) -> list[tuple[ParamSpec, int]]:

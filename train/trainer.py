@@ -4,11 +4,10 @@ gives each data-parallel rank its slice of the global batch, `train.checkpoint` 
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import signal
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -28,10 +27,20 @@ from train.checkpoint import (
 )
 from train.config import RunConfig
 from train.engine import init_distributed, resolve_device, resolve_precision
+from train.faults import (
+    EXIT_NONFINITE,
+    FaultCounters,
+    last_good,
+    nonfinite_hint,
+    peer_failure,
+    read_skipped_batches,
+    record_skipped_batches,
+)
 from train.metrics import MetricsLogger, peak_flops_per_device
 from train.numerics import SpikeDetector
 from train.parallel.dims import make_layout
 from train.parallel.groups import init_groups
+from train.plan.live import measured_memory_gb, predict_run
 from train.safe_load import deepspeed_safe_globals, forbid_unsafe_unpickling
 from train.train_module import TrainModule, build_train_module
 from train.watchdog import EXIT_STALLED, Watchdog
@@ -40,37 +49,6 @@ from train.watchdog import EXIT_STALLED, Watchdog
 PG_TIMEOUT_MARGIN_S = 60
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: the job stopped on a signal after a checkpoint; requeue it
 EXIT_REFUSED = 2  # like a config error: rerunning the same command cannot succeed
-SKIPPED_BATCHES = "skipped_batches.json"  # in the run dir: batches rolled back over, for every later launch
-EXIT_NONFINITE = 3  # train.on_nan=stop (or rollbacks exhausted): nothing saved after the last checkpoint
-
-
-class FaultCounters:
-    """What went wrong so far in the run (steps with NaN/inf, rollbacks, loss spikes, samples of bad shards
-    replaced under data.on_error=skip), carried in every checkpoint's data state."""
-
-    def __init__(self) -> None:
-        self.nonfinite_steps = self.rollbacks = self.spikes = self.replaced_samples = 0
-        self.skipped_batches: set[int] = set()
-
-    def load(self, data_state: dict[str, Any]) -> None:
-        saved = data_state.get("faults", {})
-        self.nonfinite_steps = int(saved.get("nonfinite_steps", 0))
-        self.rollbacks = int(saved.get("rollbacks", 0))
-        self.spikes = int(saved.get("spikes", 0))
-        self.replaced_samples = int(saved.get("replaced_samples", 0))
-        self.skipped_batches = {int(b) for b in saved.get("skipped_batches", [])}
-
-    def state_dict(self, skipped_batches: set[int]) -> dict[str, Any]:
-        return {"faults": {"nonfinite_steps": self.nonfinite_steps, "rollbacks": self.rollbacks,
-                           "spikes": self.spikes, "replaced_samples": self.replaced_samples,
-                           "skipped_batches": sorted(skipped_batches)}}
-
-    def metrics(self, zscore: float | None) -> dict[str, float]:
-        out = {"nonfinite_steps": float(self.nonfinite_steps), "rollbacks": float(self.rollbacks),
-               "loss_spikes": float(self.spikes), "data_replaced_samples": float(self.replaced_samples)}
-        if zscore is not None:
-            out["loss_zscore"] = zscore
-        return out
 
 
 class StopRequest:
@@ -202,6 +180,11 @@ def run(cfg: RunConfig, config_yaml: str) -> int:
         flops_per_token=fpt,
         peak_flops_total=peak_flops_per_device(device, cfg.train.peak_flops) * world,
     )
+    prediction = predict_run(cfg, device, world)
+    predicted = {} if prediction is None else {
+        "plan/step_time_s": prediction.step_time_s, "plan/memory_per_gpu_gb": prediction.memory_per_gpu_gb,
+        "plan/tokens_per_s_per_gpu": prediction.tokens_per_s_per_gpu, "plan/mfu": prediction.mfu}
+    logger.log_extra(start_step, predicted)
     if is_main:
         print(
             f"model {cfg.model.name}: {counts['total'] / 1e6:.2f}M params ({counts['active'] / 1e6:.2f}M active) | "
@@ -209,8 +192,12 @@ def run(cfg: RunConfig, config_yaml: str) -> int:
             f"global batch {cfg.train.global_batch_size} x {cfg.train.seq_len} tokens, grad accum {cfg.grad_accum_steps}",
             flush=True,
         )
+        if predicted:
+            print(f"plan (python -m train.plan): {predicted['plan/step_time_s']:.3g} s/step, "
+                  f"{predicted['plan/memory_per_gpu_gb']:.2f} GB per rank; measured figures at the end", flush=True)
 
     end_step = cfg.train.stop_at or cfg.train.steps
+    step_times: list[float] = []
     step = start_step
     last_saved = start_step if ckpt is not None else -1
     first_loss = last_loss = None
@@ -218,7 +205,7 @@ def run(cfg: RunConfig, config_yaml: str) -> int:
     spikes = SpikeDetector(cfg.train.spike_window, cfg.train.spike_zscore)
     rollbacks_left = cfg.train.max_rollbacks  # per launch: a relaunch may try again
 
-    watchdog = Watchdog(cfg.train.collective_timeout_s, rank, world, lambda: _last_good(run_dir))
+    watchdog = Watchdog(cfg.train.collective_timeout_s, rank, world, lambda: last_good(run_dir))
 
     def checkpoint() -> None:
         nonlocal last_saved
@@ -249,6 +236,7 @@ def run(cfg: RunConfig, config_yaml: str) -> int:
             if step == start_step + 1:
                 watchdog.arm()
             lr = module.lr()
+            t_step = time.perf_counter()
             index, batch = next_batch()
             losses = module.train_batch(batch, step + 1)
             step += 1
@@ -287,11 +275,13 @@ def run(cfg: RunConfig, config_yaml: str) -> int:
                               file=sys.stderr, flush=True)
                 else:
                     if is_main:
-                        print(f"error: {what}; stopping without saving ({_nonfinite_hint(cfg, run_dir, index)})",
+                        print(f"error: {what}; stopping without saving ({nonfinite_hint(cfg, run_dir, index)})",
                               file=sys.stderr, flush=True)
                     exit_code = EXIT_NONFINITE
                     break
                 continue
+            if step > start_step + 1:  # the first step of a launch pays warm-up
+                step_times.append(time.perf_counter() - t_step)
             first_loss = ce if first_loss is None else first_loss
             last_loss = ce
             zscore, spike = spikes.update(ce)
@@ -321,8 +311,12 @@ def run(cfg: RunConfig, config_yaml: str) -> int:
             eval_loss = evaluate(module, cfg, device)
             if eval_loss is not None:
                 logger.log_eval(step, eval_loss)
+            measured = {"measured/memory_per_gpu_gb": measured_memory_gb(device)}
+            if step_times:
+                measured["measured/step_time_s"] = sum(step_times) / len(step_times)
+            logger.log_extra(step, predicted | measured)
             logger.summary(
-                {
+                predicted | measured | {
                     "model": cfg.model.name,
                     "family": cfg.model.family,
                     "n_params": counts["total"],
@@ -344,11 +338,11 @@ def run(cfg: RunConfig, config_yaml: str) -> int:
             print(f"error: {e}", file=sys.stderr, flush=True)
         exit_code = 1
     except RuntimeError as e:
-        if not _peer_failure(e):
+        if not peer_failure(e):
             raise
         cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"error: rank {rank}: lost a peer at step {step} ({cause}); ending this rank so the job can be "
-              f"relaunched from {_last_good(run_dir)}", file=sys.stderr, flush=True)
+              f"relaunched from {last_good(run_dir)}", file=sys.stderr, flush=True)
         exit_code = EXIT_STALLED
     finally:
         # Shut the prefetch workers down now, on every path: they ignore SIGTERM (see data.stream), so
@@ -360,43 +354,6 @@ def run(cfg: RunConfig, config_yaml: str) -> int:
     if is_main and exit_code not in (1, EXIT_NONFINITE, EXIT_STALLED):
         _print_where(run_dir, first_loss, last_loss, start_step, step, wandb_dir)
     return exit_code
-
-
-def _peer_failure(e: BaseException) -> bool:
-    """A collective failed because another rank died or its connection broke (not a bug in this rank)."""
-    if isinstance(e, dist.DistError):
-        return True
-    text = str(e)
-    return any(s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
-                                   "NCCL communicator was aborted", "Timed out waiting"))
-
-
-def _last_good(run_dir: Path) -> str:
-    try:
-        return str(latest_checkpoint(run_dir) or "the start (no checkpoint yet)")
-    except CheckpointError:
-        return "its last complete checkpoint"
-
-
-def read_skipped_batches(run_dir: Path) -> set[int]:
-    path = run_dir / SKIPPED_BATCHES
-    return {int(b) for b in json.loads(path.read_text())} if path.is_file() else set()
-
-
-def record_skipped_batches(run_dir: Path, skip: set[int]) -> None:
-    """Beside the checkpoints, at once: a relaunch from a checkpoint older than the rollback skips them too."""
-    tmp = run_dir / (SKIPPED_BATCHES + ".tmp")
-    tmp.write_text(json.dumps(sorted(skip)))
-    os.replace(tmp, run_dir / SKIPPED_BATCHES)
-
-
-def _nonfinite_hint(cfg: RunConfig, run_dir: Path, index: int) -> str:
-    latest = latest_checkpoint(run_dir)
-    where = f"the last checkpoint is {latest}" if latest else "no checkpoint yet"
-    if cfg.train.on_nan == "rollback":
-        return f"{where}; train.max_rollbacks={cfg.train.max_rollbacks} reached or nothing to roll back to"
-    return (f"{where}; relaunch with train.on_nan=rollback or skip, train.skip_batches=[{index}], "
-            "or a lower optim.lr")
 
 
 def _layout_text(layout: Any) -> str:

@@ -1,0 +1,150 @@
+"""The layout planner (`python -m train.plan`): its formulas, its search over the trainer's own validator, the
+CLI's table, JSON and errors, and the prediction the trainer logs for its own run. The model-state bytes it
+predicts come from `train.memory.model_states`, which tests/test_memory.py holds to the live engines' bytes."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+from dataclasses import replace
+
+import pytest
+
+from model.config import ConfigError, ModelConfig
+from tests.utils import PYTHON, REPO, TINY, child_env, read_metrics, run_train
+from train.config import ParallelConfig
+from train.parallel.dims import validate_layout
+from train.plan.__main__ import load_cluster, main, search
+from train.plan.cluster import ClusterConfig
+from train.plan.predict import predict
+from train.plan.step_time import all_gather, all_reduce, pipeline_bubble_fraction
+
+# A 1.3B GPT-style shape (d 2048, 24 layers) in the project's SwiGLU form.
+GPT_1B = ModelConfig(name="gpt1b", vocab_size=50304, d_model=2048, n_layers=24, n_heads=16, n_kv_heads=16,
+                     ffn_hidden=5504, max_seq_len=2048)
+
+
+def _h100(nodes: int = 1) -> ClusterConfig:
+    return load_cluster(["cluster=h100_8x", f"cluster.nodes={nodes}"])
+
+
+def _predict(parallel: ParallelConfig, nodes: int = 1, model: ModelConfig = GPT_1B, mb: int = 2, gb: int = 256):
+    return predict(model, parallel, _h100(nodes), seq_len=2048, micro_batch=mb, global_batch=gb)
+
+
+def test_collective_and_bubble_formulas() -> None:
+    assert pipeline_bubble_fraction(8, 4) == pytest.approx(3 / 11)
+    assert pipeline_bubble_fraction(8, 1) == 0
+    # Ring all-reduce moves 2(n-1)/n of the bytes per rank; all-gather half that; one rank moves nothing.
+    assert all_reduce(8e9, 8, 1e9, 0.0) == pytest.approx(14.0)
+    assert all_gather(8e9, 8, 1e9, 0.0) == pytest.approx(7.0)
+    assert all_reduce(1e9, 1, 1e9, 1.0) == 0.0
+    assert all_reduce(0, 4, 1e9, 1e-3) == pytest.approx(6e-3)  # latency: 2(n-1) hops
+
+
+def test_bubble_shrinks_with_more_micro_batches_and_tp_across_nodes_is_slower() -> None:
+    few = _predict(ParallelConfig(zero_stage=1, pp=4), nodes=2, mb=8, gb=128)
+    many = _predict(ParallelConfig(zero_stage=1, pp=4), nodes=2, mb=1, gb=128)
+    assert few.micro_batches == 4 and many.micro_batches == 32
+    assert few.time.bubble / few.time.total > many.time.bubble / many.time.total
+    inside = _predict(ParallelConfig(zero_stage=1, tp=8), nodes=2)
+    across = _predict(ParallelConfig(zero_stage=1, tp=16), nodes=2)  # 16 > 8 GPUs a node: TP over the NICs
+    assert across.time.tp_comm > 5 * inside.time.tp_comm
+
+
+def test_recompute_trades_memory_for_time() -> None:
+    runs = {mode: _predict(ParallelConfig(zero_stage=1), model=replace(GPT_1B, activation_checkpointing=mode))
+            for mode in ("none", "selective", "full")}
+    mem = {m: p.memory["activations"] for m, p in runs.items()}
+    time = {m: p.time.total for m, p in runs.items()}
+    assert mem["none"] > mem["selective"] > mem["full"]
+    assert time["none"] < time["selective"] < time["full"]
+    assert runs["none"].memory["activations_full"] == pytest.approx(mem["full"])
+
+
+def test_zero_stages_shrink_model_states() -> None:
+    states = [_predict(ParallelConfig(zero_stage=z), nodes=4) for z in range(4)]
+    held = [p.memory["parameters"] + p.memory["gradients"] + p.memory["optimizer"] for p in states]
+    # ZeRO-1 and ZeRO-2 hold the same at the step; ZeRO-1 also holds the unreduced gradients during backward.
+    assert held[0] > held[1] == held[2] > held[3]
+    assert states[1].memory["communication"] > states[2].memory["communication"]
+    # 32 data-parallel ranks: ZeRO-3 keeps about 1/32 of ZeRO-0's 16 bytes per parameter (plus small parameters).
+    assert held[3] < held[0] / 20
+
+
+def test_tokens_per_second_and_mfu_agree_with_the_step_time() -> None:
+    p = _predict(ParallelConfig(zero_stage=1, tp=2), nodes=2)
+    world = 16
+    assert p.tokens_per_s_per_gpu == pytest.approx(256 * 2048 / p.time.total / world)
+    assert 0 < p.mfu < 1
+    assert p.time.total >= p.time.compute / p.micro_batches * p.micro_batches  # compute is on the critical path
+
+
+def test_search_returns_only_valid_fitting_layouts_fastest_first() -> None:
+    cluster = _h100(nodes=2)
+    from train.config import TrainConfig
+
+    train = TrainConfig(seq_len=2048, global_batch_size=64, micro_batch_size=1)
+    found = search(GPT_1B, train, cluster)
+    assert found
+    speeds = [p.tokens_per_s_per_gpu for p in found]
+    assert speeds == sorted(speeds, reverse=True)
+    layouts = {(p.layout.tp, p.layout.pp, p.zero_stage) for p in found}
+    assert any(pp > 1 for _, pp, _ in layouts) and any(tp > 1 for tp, _, _ in layouts)
+    for p in found:
+        assert p.fits and p.memory_per_gpu_gb * 2**30 <= cluster.usable_memory
+        lay = p.layout
+        validate_layout(ParallelConfig(zero_stage=p.zero_stage, tp=lay.tp, pp=lay.pp, ep=lay.ep), GPT_1B, 16)
+        assert not (lay.pp > 1 and p.zero_stage > 1)  # DeepSpeed's pipeline engine: ZeRO 0-1 only
+        assert 64 % (p.micro_batch * lay.dp) == 0
+
+
+def test_a_layout_that_does_not_fit_says_so() -> None:
+    big = replace(GPT_1B, d_model=8192, n_heads=64, n_kv_heads=64, ffn_hidden=22016, n_layers=48)  # ~40B
+    p = _predict(ParallelConfig(zero_stage=0), model=big)
+    assert not p.fits and p.memory_per_gpu_gb > 80
+
+
+def test_cli_prints_a_table_and_json(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["model=dense_1b", "cluster=a100_80g_8x", "cluster.nodes=2", "parallel.tp=2", "parallel.zero_stage=1",
+            "train.seq_len=1024", "train.micro_batch_size=2", "train.global_batch_size=64"]
+    assert main([*args, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    for key in ("memory_per_gpu_gb", "step_time_s", "tokens_per_s_per_gpu", "mfu", "fits"):
+        assert key in out
+    assert out["layout"] == {"tp": 2, "pp": 1, "dp": 8, "ep": 1, "zero_stage": 1, "sequence_parallel": True}
+    assert math.isclose(out["step_time_s"], sum(v for k, v in out["step_time_breakdown_s"].items()
+                                                if k in ("compute", "tp_comm", "ep_comm", "pp_comm", "bubble",
+                                                         "dp_exposed", "optimizer")), rel_tol=1e-9)
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    assert "memory per GPU (GB)" in table and "step time (s)" in table and "MFU" in table
+
+
+def test_cli_refuses_an_invalid_layout_or_cluster_in_one_line() -> None:
+    for args, key in ((["model=dense_1b", "parallel.tp=3"], "parallel.tp"),
+                      (["cluster=nope"], "cluster"),
+                      (["cluster.matmul_efficiency=2"], "cluster.matmul_efficiency")):
+        proc = subprocess.run([PYTHON, "-m", "train.plan", *args], cwd=REPO, env=child_env(), capture_output=True,
+                              text=True, check=False, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"config error: {key}"), proc.stderr
+
+
+def test_invalid_layouts_raise_config_errors() -> None:
+    with pytest.raises(ConfigError, match="parallel.zero_stage"):
+        _predict(ParallelConfig(zero_stage=3, pp=2))
+
+
+def test_trainer_logs_the_prediction_beside_the_measurement(tmp_path) -> None:
+    run_train([*TINY, "parallel=zero2", f"run_dir={tmp_path}"], nproc=2)
+    rows = read_metrics(tmp_path)
+    first = next(r for r in rows if "plan/step_time_s" in r)
+    last = [r for r in rows if "measured/step_time_s" in r][-1]
+    assert first["step"] == 0 and first["plan/step_time_s"] > 0 and first["plan/memory_per_gpu_gb"] > 0
+    assert last["plan/step_time_s"] == first["plan/step_time_s"]
+    assert last["measured/step_time_s"] > 0 and last["measured/memory_per_gpu_gb"] > 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["plan/step_time_s"] == first["plan/step_time_s"]

@@ -1,0 +1,136 @@
+"""python -m train.plan [OVERRIDES] [cluster=NAME] [cluster.KEY=VALUE] [--json] [--search [--top N]]
+
+The same Hydra overrides as training (model=, parallel=, train.seq_len=, train.micro_batch_size=,
+train.global_batch_size=, model.activation_checkpointing=) plus a cluster from conf/cluster/ (cluster.nodes=N sets
+the node count; the world size is nodes x gpus_per_node). Prints the per-GPU memory and the step time of the
+layout, or with --search every layout the trainer accepts for this model, cluster and global batch that fits,
+fastest first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from model.config import ConfigError, ModelConfig, config_from_dict
+from train.config import ParallelConfig, TrainConfig
+from train.plan.cluster import ClusterConfig
+from train.plan.predict import Prediction, describe, predict
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+
+
+def load_cluster(overrides: list[str]) -> ClusterConfig:
+    """``cluster=NAME`` picks conf/cluster/NAME.yaml (default h100_8x); ``cluster.KEY=VALUE`` sets a field."""
+    name, values = "h100_8x", {}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key == "cluster":
+            name = value
+        else:
+            values[key.removeprefix("cluster.")] = yaml.safe_load(value)
+    path = CONF / "cluster" / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in (CONF / "cluster").glob("*.yaml")))
+        raise ConfigError("cluster", f"no config named {name!r} in conf/cluster; available: {known}")
+    return ClusterConfig.from_dict({**yaml.safe_load(path.read_text()), **values})
+
+
+def compose(overrides: list[str]) -> dict[str, Any]:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    import train.__main__  # noqa: F401  (registers the run-dir resolver conf/config.yaml uses)
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = hydra_compose("config", overrides=[*overrides, "run_dir=unused"])
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def search(model: ModelConfig, train: TrainConfig, cluster: ClusterConfig) -> list[Prediction]:
+    """Every layout `train.parallel.dims.validate_layout` accepts on this cluster for this global batch, with every
+    micro-batch size and recompute mode, that fits; fastest first."""
+    world = cluster.world_size
+    divisors = [d for d in range(1, world + 1) if world % d == 0]
+    experts = [d for d in range(1, max(1, model.num_experts) + 1) if max(1, model.num_experts) % d == 0]
+    found = []
+    for tp, pp, ep, zero, mode in itertools.product(
+        [d for d in divisors if d <= cluster.gpus_per_node], divisors, experts, (0, 1, 2, 3),
+        ("none", "selective", "full"),
+    ):
+        if pp > model.n_layers or world % (tp * pp):
+            continue
+        dp = world // (tp * pp)
+        for mb in (1, 2, 4, 8, 16, 32):
+            if train.global_batch_size % (mb * dp):
+                continue
+            try:
+                p = predict(replace(model, activation_checkpointing=mode),
+                            ParallelConfig(name="search", zero_stage=zero, tp=tp, pp=pp, ep=ep), cluster,
+                            seq_len=train.seq_len, micro_batch=mb, global_batch=train.global_batch_size)
+            except ConfigError:
+                continue
+            if p.fits:
+                found.append(p)
+    return sorted(found, key=lambda p: -p.tokens_per_s_per_gpu)
+
+
+def _search_table(found: list[Prediction], top: int) -> str:
+    head = f"{'tp':>3} {'pp':>3} {'dp':>5} {'ep':>3} {'zero':>4} {'mb':>3} {'recompute':>9} {'GB/GPU':>7} " \
+           f"{'step s':>8} {'tok/s/GPU':>10} {'MFU':>6}"
+    rows = [head]
+    for p in found[:top]:
+        lay = p.layout
+        rows.append(f"{lay.tp:>3} {lay.pp:>3} {lay.dp:>5} {lay.ep:>3} {p.zero_stage:>4} {p.micro_batch:>3} "
+                    f"{p.recompute:>9} {p.memory_per_gpu_gb:>7.1f} {p.time.total:>8.3f} "
+                    f"{p.tokens_per_s_per_gpu:>10,.0f} {100 * p.mfu:>5.1f}%")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.plan", description=__doc__.split("\n\n")[0])
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides as for training, and cluster=NAME, cluster.KEY=V")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--search", action="store_true", help="rank every valid layout that fits")
+    parser.add_argument("--top", type=int, default=15, help="rows of --search to print")
+    args = parser.parse_args(argv)
+    cluster_args = [o for o in args.overrides if o.split("=", 1)[0].split(".")[0] == "cluster"]
+    try:
+        cluster = load_cluster(cluster_args)
+        cfg = compose([o for o in args.overrides if o not in cluster_args])
+        model = ModelConfig.from_dict(cfg["model"])
+        parallel = config_from_dict(ParallelConfig, cfg["parallel"], "parallel")
+        train = config_from_dict(TrainConfig, cfg["train"], "train")
+        if args.search:
+            found = search(model, train, cluster)
+            if args.json:
+                print(json.dumps([p.as_json() for p in found[: args.top]], indent=1))
+            else:
+                print(f"{len(found)} layouts fit on {cluster.world_size} x {cluster.name} for {model.name}, "
+                      f"global batch {train.global_batch_size} x {train.seq_len}; fastest first:")
+                print(_search_table(found, args.top))
+            return 0
+        dp = parallel.validate(cluster.world_size, model)
+        train.validate(dp, model, parallel)
+        p = predict(model, parallel, cluster, seq_len=train.seq_len, micro_batch=train.micro_batch_size,
+                    global_batch=train.global_batch_size)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(p.as_json(), indent=1))
+    else:
+        print(describe(model, p, cluster, train.seq_len, train.global_batch_size))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

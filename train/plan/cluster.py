@@ -1,0 +1,58 @@
+"""A cluster as the planner sees it (`conf/cluster/*.yaml`): nodes of identical accelerators, their peak
+throughput, memory and links."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from model.config import ConfigError, config_from_dict
+
+
+@dataclass
+class ClusterConfig:
+    name: str = "h100_8x"
+    nodes: int = 1
+    gpus_per_node: int = 8
+    memory_per_gpu_gb: float = 80.0
+    memory_reserved_gb: float = 4.0
+    peak_flops: float = 989e12  # dense FLOP/s per accelerator at `precision`
+    hbm_bandwidth: float = 3.35e12  # bytes/s
+    matmul_efficiency: float = 0.72  # fraction of peak that large GEMMs reach
+    attention_efficiency: float = 0.5
+    intra_node_bandwidth: float = 450e9  # bytes/s per accelerator, one direction
+    intra_node_latency_s: float = 5e-6
+    inter_node_bandwidth: float = 50e9
+    inter_node_latency_s: float = 10e-6
+    kernel_overhead_s: float = 5e-6
+    precision: Literal["bf16", "fp32"] = "bf16"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ClusterConfig:
+        cfg = config_from_dict(cls, d, "cluster")
+        cfg.validate()
+        return cfg
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    @property
+    def usable_memory(self) -> float:
+        """Bytes per accelerator a training process can fill."""
+        return (self.memory_per_gpu_gb - self.memory_reserved_gb) * 2**30
+
+    def validate(self) -> None:
+        for key in ("nodes", "gpus_per_node"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"cluster.{key}", f"must be >= 1, got {getattr(self, key)}")
+        for key in ("memory_per_gpu_gb", "peak_flops", "hbm_bandwidth", "intra_node_bandwidth",
+                    "inter_node_bandwidth"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"cluster.{key}", f"must be positive, got {getattr(self, key)}")
+        for key in ("matmul_efficiency", "attention_efficiency"):
+            if not 0 < getattr(self, key) <= 1:
+                raise ConfigError(f"cluster.{key}", f"must be in (0, 1], got {getattr(self, key)}")
+        if not 0 <= self.memory_reserved_gb < self.memory_per_gpu_gb:
+            raise ConfigError("cluster.memory_reserved_gb", f"must be in [0, memory_per_gpu_gb), got "
+                              f"{self.memory_reserved_gb}")

@@ -1,0 +1,191 @@
+"""Time of one optimizer step on one rank, from the model, the layout and the cluster.
+
+Compute. Every GEMM of a block is a roofline: the larger of its FLOPs at ``matmul_efficiency`` of peak and the
+bytes it moves at HBM bandwidth, plus a kernel's overhead. Attention's score and value products run at
+``attention_efficiency`` and, causal, do half of the T x T work. Norms, activations, residuals and the Mamba scan
+are memory traffic. Backward costs twice the forward (2.5x for the attention kernel); full recompute adds one
+forward, selective the forward of everything but the GEMMs.
+
+Communication, ring algorithms (Thakur et al. 2005, as NCCL and gloo run them), for B bytes over n ranks:
+all-reduce ``2 (n-1)/n B / bw + 2 (n-1) latency``; all-gather, reduce-scatter and all-to-all
+``(n-1)/n B / bw + (n-1) latency``. Ranks are ordered TP fastest, then DP (EP within it), then PP
+(`train.parallel.dims`), so a group of stride ``s`` and size ``n`` stays inside a node when ``s * n`` fits in it
+and uses NVLink; otherwise each rank's NIC.
+
+Per micro-batch: tensor parallelism all-reduces the block's output after attention (or the Mamba mixer) and after
+the feed-forward, in forward and in backward (with sequence parallelism an all-gather and a reduce-scatter of the
+same bytes) and again in a recomputed forward; expert parallelism sends the routed tokens out and back
+(all-to-all) in forward and backward; a pipeline stage sends its output on and receives its gradient back.
+
+Pipeline: 1F1B over ``m`` micro-batches and ``p`` stages takes ``m + p - 1`` slots of one micro-batch's forward,
+backward and messages, so ``(p-1)/(m+p-1)`` of it is bubble (Narayanan et al. 2021).
+
+Data parallelism reduces gradients once per step: ZeRO 1-2 as a reduce-scatter plus the parameter all-gather after
+the step (an all-reduce's volume); ZeRO-3 also gathers each parameter for every micro-batch's forward and backward
+(Rajbhandari et al. 2020). With ``overlap_grad_reduce`` the reduction hides behind the last micro-batch's backward
+and only the rest is exposed. The optimizer step streams the rank's partition of weights, gradients and moments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from model.config import ModelConfig
+from train.memory import PRECISION_BYTES, local_numels
+from train.parallel.dims import Layout
+from train.plan.cluster import ClusterConfig
+
+ADAMW_BYTES_PER_ELEMENT = 30  # fp32 weight, gradient, two moments read; weight and moments written; bf16 copy
+ELEMENTWISE_PASSES = 12  # d_model-wide reads and writes per token of norms, residuals and RoPE in one block
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """Seconds of one step on the slowest rank; ``total`` is the critical path."""
+
+    compute: float  # forward, backward and recompute of all micro-batches
+    tp_comm: float
+    ep_comm: float
+    pp_comm: float
+    bubble: float
+    dp_comm: float  # all of it; ``dp_exposed`` is the part on the critical path
+    dp_exposed: float
+    optimizer: float
+    total: float
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def all_reduce(nbytes: float, n: int, bw: float, lat: float) -> float:
+    return 0.0 if n <= 1 else 2 * (n - 1) / n * nbytes / bw + 2 * (n - 1) * lat
+
+
+def all_gather(nbytes: float, n: int, bw: float, lat: float) -> float:
+    """Also reduce-scatter and all-to-all: each rank sends (n-1)/n of the bytes."""
+    return 0.0 if n <= 1 else (n - 1) / n * nbytes / bw + (n - 1) * lat
+
+
+def pipeline_bubble_fraction(micro_batches: int, stages: int) -> float:
+    return (stages - 1) / (micro_batches + stages - 1)
+
+
+def _link(cluster: ClusterConfig, stride: int, size: int) -> tuple[float, float]:
+    if stride * size <= cluster.gpus_per_node:
+        return cluster.intra_node_bandwidth, cluster.intra_node_latency_s
+    return cluster.inter_node_bandwidth, cluster.inter_node_latency_s
+
+
+class _Costs:
+    """Kernel times on one accelerator of ``cluster`` with ``elem``-byte activations."""
+
+    def __init__(self, cluster: ClusterConfig, elem: int) -> None:
+        self.c, self.elem = cluster, elem
+
+    def gemm(self, m: float, n: float, k: float, count: int = 1) -> float:
+        c = self.c
+        flops = 2 * m * n * k
+        moved = self.elem * (m * k + k * n + m * n)
+        return count * (max(flops / (c.peak_flops * c.matmul_efficiency), moved / c.hbm_bandwidth)
+                        + c.kernel_overhead_s)
+
+    def memory(self, nbytes: float, kernels: int = 1) -> float:
+        return nbytes / self.c.hbm_bandwidth + kernels * self.c.kernel_overhead_s
+
+    def attention(self, flops: float) -> float:
+        return flops / (self.c.peak_flops * self.c.attention_efficiency) + self.c.kernel_overhead_s
+
+
+def _block_forward(cfg: ModelConfig, layer: int, tokens: int, seq_len: int, tp: int, sp: bool, ep: int,
+                   k: _Costs) -> tuple[float, float, float]:
+    """(GEMM time, attention-kernel time, other time) of one block's forward on one rank."""
+    d, t = cfg.d_model, tokens
+    gemm = attn = other = 0.0
+    other += k.memory(ELEMENTWISE_PASSES * k.elem * t * d / (tp if sp else 1), kernels=6)
+    if cfg.is_attention_layer(layer):
+        hd = cfg.resolved_head_dim
+        gemm += k.gemm(t, (cfg.n_heads + 2 * cfg.n_kv_heads) * hd / tp, d)
+        gemm += k.gemm(t, d, cfg.n_heads * hd / tp)
+        attn += k.attention(2 * 2 * t * seq_len * cfg.n_heads * hd / tp / 2)  # QK^T and PV, causal half
+    else:
+        di = cfg.mamba_d_inner / tp
+        gemm += k.gemm(t, 2 * di, d) + k.gemm(t, cfg.resolved_dt_rank + 2 * cfg.mamba_d_state, di)
+        gemm += k.gemm(t, di, cfg.resolved_dt_rank) + k.gemm(t, d, di)
+        # The scan reads u, delta, z and B, C and writes y per channel; the conv reads d_conv inputs.
+        other += k.memory(k.elem * t * di * (6 + cfg.mamba_d_conv), kernels=4)
+    if cfg.is_moe_layer(layer):
+        gemm += k.gemm(t, cfg.num_experts, d)
+        rows = t * cfg.top_k  # this rank's experts see top_k rows per token of its EP group, spread evenly
+        experts = cfg.num_experts // ep
+        gemm += k.gemm(rows, cfg.ffn_hidden / tp, d, 2) + k.gemm(rows, d, cfg.ffn_hidden / tp)
+        gemm += (experts - 1) * 3 * k.c.kernel_overhead_s  # grouped GEMMs: one kernel, a tile loop per expert
+        other += k.memory(3 * k.elem * rows * cfg.ffn_hidden / tp + 4 * k.elem * rows * d, kernels=6)
+    else:
+        gemm += k.gemm(t, cfg.ffn_hidden / tp, d, 2) + k.gemm(t, d, cfg.ffn_hidden / tp)
+        other += k.memory(3 * k.elem * t * cfg.ffn_hidden / tp, kernels=2)
+    return gemm, attn, other
+
+
+def step_time(cfg: ModelConfig, layout: Layout, cluster: ClusterConfig, *, zero_stage: int, micro_batch: int,
+              seq_len: int, global_batch: int, sp: bool, overlap_grad_reduce: bool = True) -> StepTime:
+    elem = PRECISION_BYTES[cluster.precision]
+    k = _Costs(cluster, elem)
+    tp, pp, dp, ep = layout.tp, layout.pp, layout.dp, layout.ep
+    tokens = micro_batch * seq_len
+    micro_batches = global_batch // (micro_batch * dp)
+    per_stage = cfg.n_layers / pp
+    layers = range(cfg.n_layers)
+
+    parts = [_block_forward(cfg, i, tokens, seq_len, tp, sp, ep, k) for i in layers]
+    gemm = sum(p[0] for p in parts) / pp
+    attn = sum(p[1] for p in parts) / pp
+    other = sum(p[2] for p in parts) / pp
+    # The last stage also runs the LM head and its loss (the first only an embedding gather): it sets the pace.
+    head = k.gemm(tokens, cfg.vocab_size / tp, cfg.d_model) + k.memory(3 * 4 * tokens * cfg.vocab_size / tp)
+    forward = gemm + attn + other + head
+    backward = 2 * (gemm + other + head) + 2.5 * attn
+    mode = cfg.checkpointing_mode
+    recompute = {"none": 0.0, "full": forward - head, "selective": attn + other}[mode]
+
+    tp_bw, tp_lat = _link(cluster, 1, tp)
+    act = elem * tokens * cfg.d_model
+    tp_per_layer = (4 + (2 if mode == "full" else 0)) * all_reduce(act, tp, tp_bw, tp_lat)
+    tp_comm = per_stage * tp_per_layer
+
+    ep_bw, ep_lat = _link(cluster, tp, ep)
+    moe_layers = sum(cfg.is_moe_layer(i) for i in layers) / pp
+    ep_comm = moe_layers * 4 * all_gather(elem * tokens * cfg.top_k * cfg.d_model, ep, ep_bw, ep_lat)
+
+    pp_bw, pp_lat = _link(cluster, tp * dp, pp)
+    p2p = 0.0 if pp == 1 else 2 * (act / (tp if sp else 1) / pp_bw + pp_lat)
+
+    slot = forward + backward + recompute + tp_comm + ep_comm + p2p
+    pipeline = (micro_batches + pp - 1) * slot
+
+    # Gradients (and ZeRO's parameter traffic) over the data-parallel group; experts over their smaller group.
+    stepped = local_numels(cfg, layout)
+    expert = sum(n for s, n in stepped if s.split == "expert")
+    dense = sum(n for _, n in stepped) - expert
+    dp_bw, dp_lat = _link(cluster, tp, dp)
+    edp = dp // ep
+    edp_bw, edp_lat = _link(cluster, tp * ep, edp)
+    dp_comm = all_reduce(elem * dense, dp, dp_bw, dp_lat) + all_reduce(elem * expert, edp, edp_bw, edp_lat)
+    gathers = 0.0
+    if zero_stage == 3:  # every micro-batch gathers the parameters for forward and again for backward
+        gathers = 2 * micro_batches * (all_gather(elem * dense, dp, dp_bw, dp_lat)
+                                       + all_gather(elem * expert, edp, edp_bw, edp_lat))
+    dp_total = dp_comm + gathers
+    hidden = backward if overlap_grad_reduce else 0.0
+    if zero_stage == 3:  # prefetching overlaps the gathers with the compute they precede
+        hidden += micro_batches * (forward + backward)
+    dp_exposed = max(0.0, dp_total - hidden)
+
+    shard = dp if zero_stage >= 1 else 1
+    optimizer = k.memory(ADAMW_BYTES_PER_ELEMENT * (dense / shard + expert / (edp if zero_stage >= 1 else 1)),
+                         kernels=12)
+    total = pipeline + dp_exposed + optimizer
+    return StepTime(
+        compute=micro_batches * (forward + backward + recompute), tp_comm=micro_batches * tp_comm,
+        ep_comm=micro_batches * ep_comm, pp_comm=micro_batches * p2p, bubble=(pp - 1) * slot, dp_comm=dp_total,
+        dp_exposed=dp_exposed, optimizer=optimizer, total=total,
+    )
