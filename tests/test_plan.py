@@ -148,3 +148,42 @@ def test_trainer_logs_the_prediction_beside_the_measurement(tmp_path) -> None:
     assert last["measured/step_time_s"] > 0 and last["measured/memory_per_gpu_gb"] > 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["plan/step_time_s"] == first["plan/step_time_s"]
+
+
+def test_budget_picks_the_fitted_laws_optimum_for_the_flops_its_layout_delivers(tmp_path, capsys) -> None:
+    """A synthetic ladder report (Hoffmann et al.'s fitted constants, with bootstrap samples): the planner's
+    (N, D) must be the law's compute-optimal point for the FLOPs its chosen layout delivers, the optimum computed
+    here in closed form."""
+    import numpy as np
+
+    E, A, alpha, B, beta = 1.69, 406.4, 0.34, 410.7, 0.28
+    gen = np.random.default_rng(0)
+    boot = np.array([E, A, alpha, B, beta]) * (1 + 0.01 * gen.standard_normal((200, 5)))
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"params_kind": "total", "fit": {"E": E, "A": A, "alpha": alpha, "B": B,
+                                                                 "beta": beta, "bootstrap_params": boot.tolist()}}))
+    hours = 50_000
+    args = ["model=dense_tiny", "model.max_seq_len=2048", "cluster=h100_8x", "cluster.nodes=8", "train.seq_len=2048",
+            "train.global_batch_size=512", f"--budget-gpu-hours={hours}", f"--fit={report}",
+            f"--out={tmp_path / 'chosen.yaml'}", "--json"]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    layout = out["layout"]
+    flops = hours * 3600 * 989e12 * layout["mfu"]  # what the chosen layout delivers
+    assert out["flops"] == pytest.approx(flops, rel=1e-6)
+    k = out["flops_per_param"]  # training FLOPs per token per parameter of the chosen shape
+    g = (alpha * A / (beta * B)) ** (1 / (alpha + beta))
+    n_opt = g * (flops / k) ** (beta / (alpha + beta))
+    d_opt = flops / (k * n_opt)
+    assert out["n_params"] == pytest.approx(n_opt, rel=0.10)
+    assert out["tokens"] == pytest.approx(d_opt, rel=0.10)
+    loss = E + A / out["n_params"] ** alpha + B / out["tokens"] ** beta
+    assert out["predicted_loss"] == pytest.approx(loss)
+    lo, hi = out["loss_interval"]
+    assert lo < loss < hi
+    assert layout["fits"]
+    chosen = ModelConfig.from_dict(__import__("yaml").safe_load((tmp_path / "chosen.yaml").read_text()))
+    from model.flops import flops_per_token, param_counts
+
+    assert param_counts(chosen)["total"] == out["n_params"]
+    assert k == pytest.approx(flops_per_token(chosen, 2048) / out["n_params"])

@@ -101,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--search", action="store_true", help="rank every valid layout that fits")
     parser.add_argument("--top", type=int, default=15, help="rows of --search to print")
+    parser.add_argument("--budget-gpu-hours", type=float, help="the best model for this many GPU-hours (needs --fit)")
+    parser.add_argument("--fit", help="report.json of `python -m train.scaling report` (the fitted L(N, D))")
+    parser.add_argument("--out", help="with --budget-gpu-hours: write the chosen model's config here (for model=)")
     args = parser.parse_args(argv)
     cluster_args = [o for o in args.overrides if o.split("=", 1)[0].split(".")[0] == "cluster"]
     try:
@@ -109,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         model = ModelConfig.from_dict(cfg["model"])
         parallel = config_from_dict(ParallelConfig, cfg["parallel"], "parallel")
         train = config_from_dict(TrainConfig, cfg["train"], "train")
+        if train.seq_len > model.max_seq_len:
+            raise ConfigError("train.seq_len", f"{train.seq_len} exceeds model.max_seq_len={model.max_seq_len}")
+        if args.budget_gpu_hours is not None:
+            return _budget(args, model, train, cluster)
         if args.search:
             found = search(model, train, cluster)
             if args.json:
@@ -129,6 +136,35 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(p.as_json(), indent=1))
     else:
         print(describe(model, p, cluster, train.seq_len, train.global_batch_size))
+    return 0
+
+
+def _budget(args: argparse.Namespace, model: ModelConfig, train: TrainConfig, cluster: ClusterConfig) -> int:
+    from train.plan.budget import Fit, plan_budget
+
+    if not args.fit:
+        raise ConfigError("--fit", "--budget-gpu-hours needs the fitted law: --fit runs/scaling/report.json")
+    if args.budget_gpu_hours <= 0:
+        raise ConfigError("--budget-gpu-hours", f"must be positive, got {args.budget_gpu_hours}")
+    plan = plan_budget(model, train, cluster, args.budget_gpu_hours, Fit.from_report(args.fit))
+    shape = plan.as_json()["model"]
+    if args.out:
+        Path(args.out).write_text(yaml.safe_dump(shape, sort_keys=False))
+    if args.json:
+        print(json.dumps(plan.as_json(), indent=1))
+        return 0
+    lay, iv = plan.prediction.layout, plan.loss_interval
+    interval = f" ({iv[0]:.4f} to {iv[1]:.4f}, bootstrap)" if iv else ""
+    print(f"{args.budget_gpu_hours:g} GPU-hours on {cluster.world_size} x {cluster.name}: "
+          f"{plan.flops:.3g} FLOPs at MFU {100 * plan.prediction.mfu:.1f}%")
+    print(f"model: d_model {plan.model.d_model}, n_layers {plan.model.n_layers}, n_heads {plan.model.n_heads}, "
+          f"{plan.n_params / 1e9:.4g}B parameters (compute-optimal for these FLOPs: {plan.n_opt / 1e9:.4g}B)")
+    print(f"tokens: {plan.tokens:.4g} | layout tp {lay.tp} pp {lay.pp} dp {lay.dp} ep {lay.ep} "
+          f"ZeRO-{plan.prediction.zero_stage} micro-batch {plan.prediction.micro_batch} "
+          f"recompute {plan.prediction.recompute} | {plan.prediction.tokens_per_s_per_gpu:,.0f} tokens/s per GPU")
+    print(f"predicted loss: {plan.predicted_loss:.4f}{interval} | wall-clock {plan.wall_clock_s / 3600:.1f} h")
+    print(f"model config{f' written to {args.out}' if args.out else ''} (for conf/model/):")
+    print(yaml.safe_dump(shape, sort_keys=False).rstrip())
     return 0
 
 

@@ -83,6 +83,9 @@ class ChinchillaFit:
             "confidence": self.confidence,
             "n_bootstrap": 0 if self.bootstrap_params is None else len(self.bootstrap_params),
             "intervals": {k: list(v) for k, v in self.intervals.items()},
+            # The samples themselves, so a later consumer (python -m train.plan --budget-gpu-hours) can put an
+            # interval on any prediction.
+            "bootstrap_params": [] if self.bootstrap_params is None else self.bootstrap_params.tolist(),
         }
 
 
