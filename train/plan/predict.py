@@ -49,7 +49,8 @@ class Prediction:
 
 
 def predict(model: ModelConfig, parallel: ParallelConfig, cluster: ClusterConfig, *, seq_len: int,
-            micro_batch: int, global_batch: int, overlap_grad_reduce: bool = True) -> Prediction:
+            micro_batch: int, global_batch: int, overlap_grad_reduce: bool = True,
+            attention_kernel: str = "flash") -> Prediction:
     """Raises ConfigError (naming the key) for a layout the trainer would refuse."""
     world = cluster.world_size
     layout = validate_layout(parallel, model, world)
@@ -72,7 +73,8 @@ def predict(model: ModelConfig, parallel: ParallelConfig, cluster: ClusterConfig
         memory_bytes[f"activations_{mode}"] = in_flight * other.saved + other.recomputed
     total = states.held + max(states.transient, states.step) + memory_bytes["activations"]
     time = step_time(model, layout, cluster, zero_stage=parallel.zero_stage, micro_batch=micro_batch,
-                     seq_len=seq_len, global_batch=global_batch, sp=sp, overlap_grad_reduce=overlap_grad_reduce)
+                     seq_len=seq_len, global_batch=global_batch, sp=sp, overlap_grad_reduce=overlap_grad_reduce,
+                     attention_kernel=attention_kernel)
     tokens_per_s = global_batch * seq_len / time.total / world
     return Prediction(
         layout=layout, zero_stage=parallel.zero_stage, sp=sp, micro_batch=micro_batch, micro_batches=micro_batches,

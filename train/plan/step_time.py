@@ -23,7 +23,8 @@ backward and messages, so ``(p-1)/(m+p-1)`` of it is bubble (Narayanan et al. 20
 Data parallelism reduces gradients once per step: ZeRO 1-2 as a reduce-scatter plus the parameter all-gather after
 the step (an all-reduce's volume); ZeRO-3 also gathers each parameter for every micro-batch's forward and backward
 (Rajbhandari et al. 2020). With ``overlap_grad_reduce`` the reduction hides behind the last micro-batch's backward
-and only the rest is exposed. The optimizer step streams the rank's partition of weights, gradients and moments.
+and only the rest is exposed; ZeRO-3's traffic hides behind the forward passes (prefetch), not the backward ones,
+where gathers and reduce-scatters share the links. The optimizer step streams the rank's partition of weights, gradients and moments.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ from train.parallel.dims import Layout
 from train.plan.cluster import ClusterConfig
 
 ADAMW_BYTES_PER_ELEMENT = 30  # fp32 weight, gradient, two moments read; weight and moments written; bf16 copy
+# An unfused attention (Megatron-LM before FlashAttention) writes the scores, and its fused scale-mask-softmax
+# and the dropout read and write them again: 6 passes over T x T per head in forward.
+UNFUSED_SCORE_PASSES = 6
 ELEMENTWISE_PASSES = 12  # d_model-wide reads and writes per token of norms, residuals and RoPE in one block
 
 
@@ -97,7 +101,7 @@ class _Costs:
 
 
 def _block_forward(cfg: ModelConfig, layer: int, tokens: int, seq_len: int, tp: int, sp: bool, ep: int,
-                   k: _Costs) -> tuple[float, float, float]:
+                   k: _Costs, attention_kernel: str = "flash") -> tuple[float, float, float]:
     """(GEMM time, attention-kernel time, other time) of one block's forward on one rank."""
     d, t = cfg.d_model, tokens
     gemm = attn = other = 0.0
@@ -106,7 +110,12 @@ def _block_forward(cfg: ModelConfig, layer: int, tokens: int, seq_len: int, tp: 
         hd = cfg.resolved_head_dim
         gemm += k.gemm(t, (cfg.n_heads + 2 * cfg.n_kv_heads) * hd / tp, d)
         gemm += k.gemm(t, d, cfg.n_heads * hd / tp)
-        attn += k.attention(2 * 2 * t * seq_len * cfg.n_heads * hd / tp / 2)  # QK^T and PV, causal half
+        if attention_kernel == "flash":
+            attn += k.attention(2 * 2 * t * seq_len * cfg.n_heads * hd / tp / 2)  # QK^T and PV, causal half
+        else:  # batched GEMMs over the whole T x T matrix, which softmax (and dropout) read and write in HBM
+            heads = cfg.n_heads / tp
+            attn += k.gemm(seq_len, seq_len, hd, count=int(2 * heads * t / seq_len))
+            other += k.memory(UNFUSED_SCORE_PASSES * k.elem * t * seq_len * heads, kernels=3)
     else:
         di = cfg.mamba_d_inner / tp
         gemm += k.gemm(t, 2 * di, d) + k.gemm(t, cfg.resolved_dt_rank + 2 * cfg.mamba_d_state, di)
@@ -127,7 +136,8 @@ def _block_forward(cfg: ModelConfig, layer: int, tokens: int, seq_len: int, tp: 
 
 
 def step_time(cfg: ModelConfig, layout: Layout, cluster: ClusterConfig, *, zero_stage: int, micro_batch: int,
-              seq_len: int, global_batch: int, sp: bool, overlap_grad_reduce: bool = True) -> StepTime:
+              seq_len: int, global_batch: int, sp: bool, overlap_grad_reduce: bool = True,
+              attention_kernel: str = "flash") -> StepTime:
     elem = PRECISION_BYTES[cluster.precision]
     k = _Costs(cluster, elem)
     tp, pp, dp, ep = layout.tp, layout.pp, layout.dp, layout.ep
@@ -136,14 +146,14 @@ def step_time(cfg: ModelConfig, layout: Layout, cluster: ClusterConfig, *, zero_
     per_stage = cfg.n_layers / pp
     layers = range(cfg.n_layers)
 
-    parts = [_block_forward(cfg, i, tokens, seq_len, tp, sp, ep, k) for i in layers]
+    parts = [_block_forward(cfg, i, tokens, seq_len, tp, sp, ep, k, attention_kernel) for i in layers]
     gemm = sum(p[0] for p in parts) / pp
     attn = sum(p[1] for p in parts) / pp
     other = sum(p[2] for p in parts) / pp
     # The last stage also runs the LM head and its loss (the first only an embedding gather): it sets the pace.
     head = k.gemm(tokens, cfg.vocab_size / tp, cfg.d_model) + k.memory(3 * 4 * tokens * cfg.vocab_size / tp)
     forward = gemm + attn + other + head
-    backward = 2 * (gemm + other + head) + 2.5 * attn
+    backward = 2 * (gemm + other + head) + (2.5 if attention_kernel == "flash" else 2) * attn
     mode = cfg.checkpointing_mode
     recompute = {"none": 0.0, "full": forward - head, "selective": attn + other}[mode]
 
@@ -175,9 +185,12 @@ def step_time(cfg: ModelConfig, layout: Layout, cluster: ClusterConfig, *, zero_
         gathers = 2 * micro_batches * (all_gather(elem * dense, dp, dp_bw, dp_lat)
                                        + all_gather(elem * expert, edp, edp_bw, edp_lat))
     dp_total = dp_comm + gathers
-    hidden = backward if overlap_grad_reduce else 0.0
-    if zero_stage == 3:  # prefetching overlaps the gathers with the compute they precede
-        hidden += micro_batches * (forward + backward)
+    # DeepSpeed's pipeline engine reduces gradients after the last backward of the schedule (ReduceGrads).
+    hidden = backward if overlap_grad_reduce and pp == 1 else 0.0
+    if zero_stage == 3:
+        # Prefetching hides the gathers behind the forward passes; in backward the gathers and the gradient
+        # reduce-scatters share the links and wait on each other.
+        hidden = max(hidden, micro_batches * forward)
     dp_exposed = max(0.0, dp_total - hidden)
 
     shard = dp if zero_stage >= 1 else 1
