@@ -14,7 +14,7 @@ LADDER_DATA := artifacts/data/shakespeare512/index.json
 DEMO_DIR ?= runs/demo
 DEMO_STEPS ?= 300
 
-.PHONY: venv data train test lint scaling clean
+.PHONY: venv data train test lint scaling clean soak
 
 venv: $(STAMP)
 
@@ -70,3 +70,9 @@ clean:
 # another, then the fitted laws, the hold-out check and the plot in runs/scaling/report (docs/scaling.md).
 scaling: $(LADDER_DATA)
 	PYTHON=$(PYTHON) scripts/scaling_ladder.sh runs/scaling
+
+# Soak test, not part of `make test`: 30 min of a 2-rank run SIGKILLed every 2-5 min and resumed, then an
+# uninterrupted reference run (about 25 min more); checks steps, batches, final loss and RSS (runs/soak/report.json).
+# Options: make soak SOAK_ARGS="--minutes 60" (scripts/soak.py --help).
+soak: $(DATA)
+	$(PYTHON) scripts/soak.py $(SOAK_ARGS)
