@@ -22,7 +22,7 @@ from train.config import LoggingConfig
 _GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
 
-def _cpu_flops_per_cycle() -> int:
+def cpu_flops_per_cycle() -> int:
     """fp32 FLOP per cycle and core: two FMA units of 16 lanes with AVX-512, of 8 with AVX2."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
@@ -42,7 +42,7 @@ def peak_flops_per_device(device: torch.device, configured: float | None) -> flo
             if key in name:
                 return value
         return 312e12
-    return torch.get_num_threads() * 2.5e9 * _cpu_flops_per_cycle()
+    return torch.get_num_threads() * 2.5e9 * cpu_flops_per_cycle()
 
 
 def _fmt_duration(seconds: float) -> str:

@@ -1,4 +1,6 @@
 """python -m train.plan [OVERRIDES] [cluster=NAME] [cluster.KEY=VALUE] [--json] [--search [--top N]]
+                      [--budget-gpu-hours H --fit REPORT.json [--out MODEL.yaml]]
+python -m train.plan calibrate      (measures this machine into conf/cluster/cpu_local.yaml)
 
 The same Hydra overrides as training (model=, parallel=, train.seq_len=, train.micro_batch_size=,
 train.global_batch_size=, model.activation_checkpointing=) plus a cluster from conf/cluster/ (cluster.nodes=N sets
@@ -96,6 +98,11 @@ def _search_table(found: list[Prediction], top: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["calibrate"]:
+        from train.plan.calibrate import main as calibrate
+
+        return calibrate(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m train.plan", description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides as for training, and cluster=NAME, cluster.KEY=V")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
