@@ -187,3 +187,19 @@ def test_budget_picks_the_fitted_laws_optimum_for_the_flops_its_layout_delivers(
 
     assert param_counts(chosen)["total"] == out["n_params"]
     assert k == pytest.approx(flops_per_token(chosen, 2048) / out["n_params"])
+
+
+def test_calibrate_measures_this_machine_into_a_cluster_config(tmp_path) -> None:
+    out = tmp_path / "cpu_local.yaml"
+    proc = subprocess.run([PYTHON, "-m", "train.plan", "calibrate", "--out", str(out)], cwd=REPO, env=child_env(),
+                          capture_output=True, text=True, check=False, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import yaml
+
+    cluster = ClusterConfig.from_dict(yaml.safe_load(out.read_text()))
+    assert cluster.name == "cpu_local" and cluster.gpus_per_node == 2 and cluster.precision == "fp32"
+    assert 0 < cluster.matmul_efficiency <= 1 and 0 < cluster.attention_efficiency <= 1
+    assert cluster.hbm_bandwidth > 1e8 and cluster.intra_node_bandwidth > 1e6 and cluster.intra_node_latency_s > 0
+    # The planner runs on it.
+    p = predict(GPT_1B, ParallelConfig(zero_stage=1), cluster, seq_len=512, micro_batch=1, global_batch=4)
+    assert p.time.total > 0 and p.layout.dp == 2
