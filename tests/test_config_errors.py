@@ -140,6 +140,8 @@ def test_config_errors_import_neither_deepspeed_nor_megatron(sample_data):
         ("foo=1", "config error: foo: unknown key;"),
         ("model=nope", "config error: model: no config named 'nope'"),
         ("model.vocab_size=100", "config error: model.vocab_size: 100 is smaller than the tokenizer vocabulary"),
+        ("optim.lr=[1,2", "config error: optim.lr: cannot parse the override 'optim.lr=[1,2'; quote it"),
+        ("train.on_nan=maybe", "config error: train.on_nan: expected one of stop, skip, rollback, got 'maybe'"),
     ],
 )
 def test_cli_prints_one_line_exits_2_and_creates_nothing(override, line, tmp_path, sample_data):

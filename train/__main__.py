@@ -8,7 +8,7 @@ import warnings
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException
+from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException, OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
@@ -65,6 +65,11 @@ def config_error_line(e: Exception) -> str:
     span several lines and end with a hint about stack traces)."""
     if isinstance(e, ConfigError | DataConfigError):
         return f"config error: {e}"
+    if isinstance(e, OverrideParseException):
+        bad = _unparsable_override(sys.argv[1:])
+        if bad is not None:
+            return (f"config error: {bad.split('=', 1)[0]}: cannot parse the override {bad!r}; quote it for the shell "
+                    "and put brackets, commas or spaces inside quotes, e.g. 'data.sources=[{path: dir}]'")
     if isinstance(e, MissingConfigException) and e.missing_cfg_file:
         group, _, name = e.missing_cfg_file.rpartition("/")
         options = f"; available: {', '.join(e.options)}" if e.options else ""
@@ -79,6 +84,21 @@ def config_error_line(e: Exception) -> str:
     lines = [ln.strip() for ln in str(cause).splitlines()]
     text = "; ".join(ln for ln in lines if ln and not ln.startswith(("full_key:", "object_type=")))
     return f"config error: {key}: {text}" if key else f"config error: {text}"
+
+
+def _unparsable_override(args: list[str]) -> str | None:
+    """The first command-line override Hydra's grammar rejects (its error does not say which)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for arg in args:
+        if arg.startswith("-"):
+            continue
+        try:
+            parser.parse_overrides([arg])
+        except OverrideParseException:
+            return arg
+    return None
 
 
 def _print_config_error(e: Exception) -> None:
