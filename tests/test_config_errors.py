@@ -85,7 +85,7 @@ def test_valid_values_are_converted_to_the_field_types(sample_data):
         (["foo=1"], "config error: foo: unknown key;"),
         (["model.foo=1"], "config error: model.foo: unknown key;"),
         (["model=nope"], "config error: model: no config named 'nope' in conf/model; available: dense_125m,"),
-        (["train.steps=("], "config error: Error parsing override 'train.steps=('"),
+        (["train.steps=("], "config error: train.steps: cannot parse the override 'train.steps=('; quote it"),
     ],
 )
 def test_hydra_errors_are_one_line(overrides, line):

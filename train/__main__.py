@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 import warnings
 
@@ -66,7 +67,8 @@ def config_error_line(e: Exception) -> str:
     if isinstance(e, ConfigError | DataConfigError):
         return f"config error: {e}"
     if isinstance(e, OverrideParseException):
-        bad = _unparsable_override(sys.argv[1:])
+        named = re.search(r"override '(.+)'", str(e))
+        bad = named.group(1) if named else _unparsable_override(sys.argv[1:])
         if bad is not None:
             return (f"config error: {bad.split('=', 1)[0]}: cannot parse the override {bad!r}; quote it for the shell "
                     "and put brackets, commas or spaces inside quotes, e.g. 'data.sources=[{path: dir}]'")
@@ -92,7 +94,7 @@ def _unparsable_override(args: list[str]) -> str | None:
 
     parser = OverridesParser.create()
     for arg in args:
-        if arg.startswith("-"):
+        if arg.startswith("-") or "=" not in arg:
             continue
         try:
             parser.parse_overrides([arg])
