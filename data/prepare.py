@@ -16,34 +16,50 @@ webdataset shards (key ``NNNNNNNN``, field ``tokens.u16`` / ``tokens.u32``). ``i
 records, per split and shard, each member's token count and the byte offset/length of its
 payload inside the tar, so the loader can memory-map the tars and read any token range
 directly. ``index.json`` is written last (atomically): its presence means the data is complete.
-The output is byte-identical for the same input, tokenizer and options.
+The output is byte-identical for the same input, tokenizer and options, whatever ``--workers``.
+
+Scaling out (see :mod:`data.prepare_parallel`): ``--workers N`` encodes in N processes. ``--num-tasks T
+--task-id I`` (default: the SLURM job array) makes job I of T prepare its contiguous slice of the document
+order into ``DIR/part-I``; then ``python -m data.prepare merge --out DIR`` writes one ``DIR/index.json`` over
+the parts whose token stream per split is exactly the single job's:
+
+    python -m data.prepare --corpus shakespeare --tokenizer tok.model --out DIR --workers 8
+    sbatch --array=0-15 --wrap "python -m data.prepare --input texts/ --tokenizer tok.model --out DIR"
+    python -m data.prepare merge --out DIR
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import json
-import os
 import sys
 import tarfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
-from data.corpus import Document, InputFile, iter_document_ids, iter_documents
+from data.corpus import InputFile
+from data.prepare_parallel import (
+    INDEX_NAME,
+    BatchEncoder,
+    counting_document_ids,
+    iter_document_range,
+    merge_parts,
+    part_dir_name,
+    task_bounds,
+    task_from_env,
+    write_index,
+)
 from data.tokenizer import Tokenizer, _collect_inputs, add_input_arguments
 
 FORMAT_VERSION = 1
-INDEX_NAME = "index.json"
 SPLITS = ("train", "val")
 DEFAULT_MEMBER_TOKENS = 1 << 16
 DEFAULT_SHARD_TOKENS = 1 << 26  # 64M tokens (128 MB of uint16) per shard
-ENCODE_BATCH_CHARS = 4 << 20  # encode ~4 MB of text per sentencepiece call
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -139,19 +155,6 @@ class SplitShardWriter:
         return {"tokens": self.total_tokens, "documents": self.documents, "shards": self._shards}
 
 
-def _batched(docs: Iterator[Document], max_chars: int) -> Iterator[list[Document]]:
-    batch: list[Document] = []
-    size = 0
-    for doc in docs:
-        batch.append(doc)
-        size += len(doc.text)
-        if size >= max_chars:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
-
-
 def _remove_previous_output(out_dir: Path) -> None:
     # Only files this module writes: stale shards from a larger earlier run would otherwise linger.
     (out_dir / INDEX_NAME).unlink(missing_ok=True)
@@ -170,37 +173,49 @@ def prepare(
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
     jsonl_key: str = "text",
     progress: bool = True,
+    workers: int = 1,
+    task: tuple[int, int] | None = None,
 ) -> dict:
-    """Tokenize ``inputs`` into shards under ``out_dir``; returns the index (also written to index.json)."""
+    """Tokenize ``inputs`` into shards under ``out_dir``; returns the index (also written to index.json).
+
+    ``workers`` processes encode; ``task=(I, T)`` prepares only task I's slice of the documents into
+    ``out_dir/part-I`` (see :mod:`data.prepare_parallel`)."""
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"--val-fraction {val_fraction}: must be in [0, 1)")
     if member_tokens < 1 or shard_tokens < member_tokens:
         raise ValueError(f"--member-tokens {member_tokens} / --shard-tokens {shard_tokens}: need 1 <= member <= shard")
+    if workers < 1:
+        raise ValueError(f"--workers {workers}: must be >= 1")
     tok = Tokenizer.load(tokenizer_path)
     out_dir = Path(out_dir)
+    if task is not None:
+        (out_dir / INDEX_NAME).unlink(missing_ok=True)  # a merged index over the parts goes stale now
+        out_dir = out_dir / part_dir_name(task[0])
     out_dir.mkdir(parents=True, exist_ok=True)
     _remove_previous_output(out_dir)
     dtype = token_dtype(tok.vocab_size)
 
-    fallback, num_docs = choose_val_ids(iter_document_ids(inputs), val_fraction)
+    # Every task reads all ids: the fallback val document and the ordinals are the single job's.
+    doc_counts: list[int] = []
+    fallback, num_docs = choose_val_ids(counting_document_ids(inputs, doc_counts), val_fraction)
+    start, end = (0, num_docs) if task is None else task_bounds(*task, num_docs)
     writers = {
         split: SplitShardWriter(out_dir, split, dtype, member_tokens, max(1, shard_tokens // member_tokens))
         for split in SPLITS
     }
-    eos = np.array([tok.eos_id], dtype=dtype)
-    bar = tqdm(total=num_docs, unit="doc", desc="encode", disable=not progress)
-    written = tqdm(unit="tok", unit_scale=True, desc="write", disable=not progress)
-    for batch in _batched(iter_documents(inputs, jsonl_key), ENCODE_BATCH_CHARS):
-        encoded = tok.encode_batch([doc.text for doc in batch])
-        for doc, ids in zip(batch, encoded, strict=True):
-            if not ids:
-                continue  # empty document: nothing to learn, not even an EOS
-            split = "val" if doc_hash_fraction(doc.doc_id) < val_fraction or doc.doc_id == fallback else "train"
-            writers[split].add_document(np.concatenate([np.asarray(ids, dtype=dtype), eos]))
-            written.update(len(ids) + 1)
-        bar.update(len(batch))
-    bar.close()
-    written.close()
+    with BatchEncoder(tok, dtype, workers) as encoder:  # before the progress bars' thread: workers may fork
+        bar = tqdm(total=end - start, unit="doc", desc="encode", disable=not progress)
+        written = tqdm(unit="tok", unit_scale=True, desc="write", disable=not progress)
+        for doc_ids, encoded in encoder.encode(iter_document_range(inputs, doc_counts, start, end, jsonl_key)):
+            for doc_id, tokens in zip(doc_ids, encoded, strict=True):
+                if not len(tokens):
+                    continue  # empty document: nothing to learn, not even an EOS
+                split = "val" if doc_hash_fraction(doc_id) < val_fraction or doc_id == fallback else "train"
+                writers[split].add_document(tokens)
+                written.update(len(tokens))
+            bar.update(len(doc_ids))
+        bar.close()
+        written.close()
 
     index = {
         "format": "token-webdataset",
@@ -216,17 +231,10 @@ def prepare(
         "val_fraction": val_fraction,
         "splits": {split: writer.close() for split, writer in writers.items()},
     }
+    if task is not None:
+        index["task"] = {"id": task[0], "num_tasks": task[1], "documents": [start, end], "total_documents": num_docs}
     write_index(out_dir, index)
     return index
-
-
-def write_index(out_dir: Path, index: dict) -> Path:
-    """Write index.json atomically (it marks the prepared directory as complete)."""
-    path = out_dir / INDEX_NAME
-    tmp = path.with_name(f".{INDEX_NAME}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-    return path
 
 
 def write_token_shards(
@@ -262,8 +270,31 @@ def write_token_shards(
     return index
 
 
+def _summary(index: dict) -> str:
+    return ", ".join(
+        f"{split}: {info['tokens']:,} tokens / {info['documents']} docs / {len(info['shards'])} shards"
+        for split, info in index["splits"].items()
+    )
+
+
+def merge_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m data.prepare merge",
+        description="Write DIR/index.json over the parts DIR/part-I that --num-tasks T --task-id I wrote.",
+    )
+    parser.add_argument("--out", required=True, help="the --out of the tasks (holds part-0 ... part-{T-1})")
+    args = parser.parse_args(argv)
+    index = merge_parts(args.out)
+    print(f"merged {len(index['parts'])} parts into {Path(args.out) / INDEX_NAME} ({_summary(index)})", file=sys.stderr)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data.prepare", description=__doc__.split("\n\n")[0])
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["merge"] or "--merge" in argv:
+        return merge_main([a for a in argv[argv[:1] == ["merge"]:] if a != "--merge"])
+    parser = argparse.ArgumentParser(prog="python -m data.prepare", description=__doc__.split("\n\n")[0],
+                                     epilog="python -m data.prepare merge --out DIR: merge the parts of a task array")
     add_input_arguments(parser)
     parser.add_argument("--tokenizer", required=True, help="sentencepiece .model file (python -m data.tokenizer)")
     parser.add_argument("--out", required=True, help="output directory (shards + index.json)")
@@ -271,19 +302,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--member-tokens", type=int, default=DEFAULT_MEMBER_TOKENS, help="tokens per tar member")
     parser.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per tar shard")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--workers", type=int, default=1, help="encoding processes (the output does not depend on it)")
+    parser.add_argument("--num-tasks", type=int, help="split the work into T array-job tasks "
+                        "(default: SLURM_ARRAY_TASK_COUNT); each writes OUT/part-I, then run: merge --out OUT")
+    parser.add_argument("--task-id", type=int, help="this task, 0 <= I < T (default: the SLURM array index)")
     args = parser.parse_args(argv)
 
+    task = task_from_env(args.num_tasks, args.task_id)
     inputs = _collect_inputs(args.input, args.corpus)
     start = time.perf_counter()
     index = prepare(
         inputs, args.tokenizer, args.out, val_fraction=args.val_fraction, member_tokens=args.member_tokens,
-        shard_tokens=args.shard_tokens, jsonl_key=args.jsonl_key, progress=not args.quiet,
+        shard_tokens=args.shard_tokens, jsonl_key=args.jsonl_key, progress=not args.quiet, workers=args.workers,
+        task=task,
     )
-    summary = ", ".join(
-        f"{split}: {info['tokens']:,} tokens / {info['documents']} docs / {len(info['shards'])} shards"
-        for split, info in index["splits"].items()
-    )
-    print(f"wrote {args.out} ({index['dtype']}; {summary}) in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+    out = args.out if task is None else Path(args.out) / part_dir_name(task[0])
+    print(f"wrote {out} ({index['dtype']}; {_summary(index)}) in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+    if task is not None:
+        print(f"task {task[0]} of {task[1]} done; once all are: python -m data.prepare merge --out {args.out}",
+              file=sys.stderr)
     return 0
 
 
