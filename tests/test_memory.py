@@ -49,12 +49,13 @@ def _model_cfg(name: str, **overrides) -> ModelConfig:
     return dataclasses.replace(cfg, **overrides)
 
 
+@pytest.mark.parametrize("seq", [48, 160])
 @pytest.mark.parametrize("name", ["dense_tiny", "moe_tiny", "hybrid_tiny"])
-def test_block_activations_equal_the_saved_tensors(name):
+def test_block_activations_equal_the_saved_tensors(name, seq):
     cfg = _model_cfg(name)
     torch.manual_seed(0)
     model = Transformer(cfg)
-    batch, seq = 2, 48
+    batch = 2
     x = torch.randn(batch, seq, cfg.d_model, requires_grad=True)
     rope = model.rope_tables(seq, x.device)
     for i, block in enumerate(model.layers):
@@ -143,8 +144,9 @@ def test_zero3_build_partitions_each_parameter_as_it_is_generated():
               child_env(), timeout=300)
 
 
+@pytest.mark.parametrize("seq", [48, 160])
 @pytest.mark.parametrize("name", ["dense_tiny", "moe_tiny", "hybrid_tiny"])
-def test_selective_block_activations_equal_what_the_forward_keeps(name):
+def test_selective_block_activations_equal_what_the_forward_keeps(name, seq):
     """Selective checkpointing keeps matmul outputs in its own cache (invisible to saved-tensor hooks): compare with
     every storage the block's forward leaves alive, less the outputs it returns."""
     from train.saved_activations import saved_activation_bytes
@@ -152,7 +154,7 @@ def test_selective_block_activations_equal_what_the_forward_keeps(name):
     cfg = _model_cfg(name, activation_checkpointing="selective")
     torch.manual_seed(0)
     model = Transformer(cfg).train()
-    batch, seq = 2, 48
+    batch = 2
     x = torch.randn(batch, seq, cfg.d_model, requires_grad=True)
     rope = model.rope_tables(seq, x.device)
     for i, block in enumerate(model.layers):
