@@ -49,7 +49,13 @@ class Watchdog:
         self.missed_beats = 0
         self._host, self._pid = socket.gethostname(), os.getpid()
         self._stop = threading.Event()
-        self._store = _connect() if world > 1 else None
+        self._store = None
+        if world > 1:
+            try:
+                self._store = _connect()
+            except (RuntimeError, ValueError, OSError) as e:  # the run goes on, bounded by the process groups' timeout
+                print(f"warning: rank {rank}: no watchdog (cannot reach the rendezvous store: {e})", file=sys.stderr,
+                      flush=True)
         if self._store is not None:
             self._store.set_timeout(timedelta(seconds=max(2.0, 2 * self.period)))
             self._thread = threading.Thread(target=self._run, name="watchdog", daemon=True)
