@@ -94,7 +94,7 @@ class NonFiniteGuard:
         if self._armed == "grad":
             self._armed = None
             grad = grad * float("nan")
-        self._sum += grad.detach().float().sum()
+        self._sum += grad.detach().sum(dtype=torch.float32)  # no fp32 copy of a bf16 gradient
         return grad
 
     def watch_loss(self, loss: torch.Tensor) -> torch.Tensor:
