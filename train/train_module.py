@@ -110,6 +110,11 @@ class TrainModule(ABC):
                 stats.update(part or {})
         return stats
 
+    def discard_step_stats(self) -> None:
+        """After a step whose update was dropped: forget its expert load, so the aux-free bias never learns from it."""
+        for _, moe in self.moe_layers():
+            moe.pop_step_load()
+
     def save_engine_state(self, path: Path, tag: str, step: int) -> None:
         """DeepSpeed's own files (bound to this layout; bit-exact resume)."""
         self.engine.save_checkpoint(str(path), tag=tag, client_state={"step": step}, save_latest=False)

@@ -251,10 +251,10 @@ def run(cfg: RunConfig, config_yaml: str) -> int:
                 what = (f"step {step} (batch {index}): NaN/inf loss or gradient on rank(s) {bad}; no rank applied "
                         "the update" if bad else f"step {step} (batch {index}): the loss is {ce} (gradients finite)")
                 logger.log_extra(step, {"batch": index, "nonfinite_steps": faults.nonfinite_steps})
+                module.discard_step_stats()
                 if cfg.train.on_nan == "skip":
                     if is_main:
                         print(f"warning: {what} (train.on_nan=skip)", file=sys.stderr, flush=True)
-                    module.post_batch()
                 elif cfg.train.on_nan == "rollback" and rollbacks_left > 0 and latest_checkpoint(run_dir) is not None:
                     target = latest_checkpoint(run_dir)
                     watchdog.progress(step, "rollback")
