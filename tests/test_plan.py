@@ -15,9 +15,9 @@ from model.config import ConfigError, ModelConfig
 from tests.utils import PYTHON, REPO, TINY, child_env, read_metrics, run_train
 from train.config import ParallelConfig
 from train.parallel.dims import validate_layout
-from train.plan.__main__ import load_cluster, main, search
-from train.plan.cluster import ClusterConfig
-from train.plan.predict import predict
+from train.plan.__main__ import main
+from train.plan.cluster import ClusterConfig, load_cluster
+from train.plan.predict import predict, search
 from train.plan.step_time import all_gather, all_reduce, pipeline_bubble_fraction
 
 # A 1.3B GPT-style shape (d 2048, 24 layers) in the project's SwiGLU form.

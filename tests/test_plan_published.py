@@ -20,7 +20,7 @@ from tests.published_runs import LAYOUT_CONTRASTS, PUBLISHED_MEMORY, PUBLISHED_R
 from train.config import ParallelConfig
 from train.memory import model_states
 from train.parallel.dims import Layout
-from train.plan.__main__ import load_cluster
+from train.plan.cluster import load_cluster
 from train.plan.predict import predict
 
 # The machines the rows ran on, from their stated interconnect: Selene (DGX A100, 8 x 200 Gb/s HDR per node),

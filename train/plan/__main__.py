@@ -12,10 +12,8 @@ fastest first.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,26 +21,10 @@ import yaml
 
 from model.config import ConfigError, ModelConfig, config_from_dict
 from train.config import ParallelConfig, TrainConfig
-from train.plan.cluster import ClusterConfig
-from train.plan.predict import Prediction, describe, predict
+from train.plan.cluster import ClusterConfig, load_cluster
+from train.plan.predict import Prediction, describe, predict, search
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
-
-
-def load_cluster(overrides: list[str]) -> ClusterConfig:
-    """``cluster=NAME`` picks conf/cluster/NAME.yaml (default h100_8x); ``cluster.KEY=VALUE`` sets a field."""
-    name, values = "h100_8x", {}
-    for item in overrides:
-        key, _, value = item.partition("=")
-        if key == "cluster":
-            name = value
-        else:
-            values[key.removeprefix("cluster.")] = yaml.safe_load(value)
-    path = CONF / "cluster" / f"{name}.yaml"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in (CONF / "cluster").glob("*.yaml")))
-        raise ConfigError("cluster", f"no config named {name!r} in conf/cluster; available: {known}")
-    return ClusterConfig.from_dict({**yaml.safe_load(path.read_text()), **values})
+CONF = Path(__file__).resolve().parents[2] / "conf"  # the training config Hydra composes
 
 
 def compose(overrides: list[str]) -> dict[str, Any]:
@@ -55,34 +37,6 @@ def compose(overrides: list[str]) -> dict[str, Any]:
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = hydra_compose("config", overrides=[*overrides, "run_dir=unused"])
     return OmegaConf.to_container(cfg, resolve=True)
-
-
-def search(model: ModelConfig, train: TrainConfig, cluster: ClusterConfig) -> list[Prediction]:
-    """Every layout `train.parallel.dims.validate_layout` accepts on this cluster for this global batch, with every
-    micro-batch size and recompute mode, that fits; fastest first."""
-    world = cluster.world_size
-    divisors = [d for d in range(1, world + 1) if world % d == 0]
-    experts = [d for d in range(1, max(1, model.num_experts) + 1) if max(1, model.num_experts) % d == 0]
-    found = []
-    for tp, pp, ep, zero, mode in itertools.product(
-        [d for d in divisors if d <= cluster.gpus_per_node], divisors, experts, (0, 1, 2, 3),
-        ("none", "selective", "full"),
-    ):
-        if pp > model.n_layers or world % (tp * pp):
-            continue
-        dp = world // (tp * pp)
-        for mb in (1, 2, 4, 8, 16, 32):
-            if train.global_batch_size % (mb * dp):
-                continue
-            try:
-                p = predict(replace(model, activation_checkpointing=mode),
-                            ParallelConfig(name="search", zero_stage=zero, tp=tp, pp=pp, ep=ep), cluster,
-                            seq_len=train.seq_len, micro_batch=mb, global_batch=train.global_batch_size)
-            except ConfigError:
-                continue
-            if p.fits:
-                found.append(p)
-    return sorted(found, key=lambda p: -p.tokens_per_s_per_gpu)
 
 
 def _search_table(found: list[Prediction], top: int) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +22,9 @@ from model.config import ConfigError, ModelConfig
 from model.flops import flops_per_token, param_counts
 from train.config import TrainConfig
 from train.plan.cluster import ClusterConfig
-from train.plan.predict import Prediction
+from train.plan.predict import Prediction, search
 
 ASPECT = 128  # d_model / n_layers of the candidate shapes (Llama 2 7B: 4096 / 32)
-PARAMS_KINDS = {"total": "total", "active": "active", "nonembedding": "nonembedding",
-                "active_nonembedding": "active_nonembedding"}
 
 
 @dataclass(frozen=True)
@@ -70,7 +68,8 @@ class Fit:
 
 
 def count(model: ModelConfig, kind: str) -> int:
-    return param_counts(model)[PARAMS_KINDS.get(kind, "total")]
+    counts = param_counts(model)
+    return counts.get(kind, counts["total"])
 
 
 def shape_for(template: ModelConfig, n_target: float, kind: str) -> ModelConfig:
@@ -118,23 +117,15 @@ class BudgetPlan:
     flops_per_param: float
 
     def as_json(self) -> dict[str, Any]:
-        return {"model": _model_yaml_dict(self.model), "n_params": self.n_params, "tokens": self.tokens,
+        return {"model": asdict(self.model), "n_params": self.n_params, "tokens": self.tokens,
                 "flops": self.flops, "flops_per_param": self.flops_per_param, "n_opt": self.n_opt,
                 "predicted_loss": self.predicted_loss, "loss_interval": self.loss_interval,
                 "wall_clock_s": self.wall_clock_s, "layout": self.prediction.as_json()}
 
 
-def _model_yaml_dict(model: ModelConfig) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    return {k: v for k, v in asdict(model).items()}
-
-
 def plan_budget(template: ModelConfig, train: TrainConfig, cluster: ClusterConfig, gpu_hours: float, fit: Fit,
                 iterations: int = 8) -> BudgetPlan:
     """Fixed point of: shape -> fastest fitting layout -> FLOPs the budget buys -> the fit's N_opt -> shape."""
-    from train.plan.__main__ import search
-
     seconds = gpu_hours * 3600 / cluster.world_size
     mfu, n_target = 0.4, None
     chosen = None

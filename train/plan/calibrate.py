@@ -20,8 +20,9 @@ import torch.multiprocessing as mp
 import yaml
 
 from train.metrics import cpu_flops_per_cycle
+from train.plan.cluster import CLUSTERS
 
-CLUSTER = Path(__file__).resolve().parents[2] / "conf" / "cluster" / "cpu_local.yaml"
+CLUSTER = CLUSTERS / "cpu_local.yaml"
 
 
 def _best(fn: Callable[[], object], repeats: int = 5) -> float:

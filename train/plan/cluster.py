@@ -4,9 +4,14 @@ throughput, memory and links."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
+import yaml
+
 from model.config import ConfigError, config_from_dict
+
+CLUSTERS = Path(__file__).resolve().parents[2] / "conf" / "cluster"
 
 
 @dataclass
@@ -56,3 +61,19 @@ class ClusterConfig:
         if not 0 <= self.memory_reserved_gb < self.memory_per_gpu_gb:
             raise ConfigError("cluster.memory_reserved_gb", f"must be in [0, memory_per_gpu_gb), got "
                               f"{self.memory_reserved_gb}")
+
+
+def load_cluster(overrides: list[str]) -> ClusterConfig:
+    """``cluster=NAME`` picks conf/cluster/NAME.yaml (default h100_8x); ``cluster.KEY=VALUE`` sets a field."""
+    name, values = "h100_8x", {}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key == "cluster":
+            name = value
+        else:
+            values[key.removeprefix("cluster.")] = yaml.safe_load(value)
+    path = CLUSTERS / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in (CLUSTERS).glob("*.yaml")))
+        raise ConfigError("cluster", f"no config named {name!r} in conf/cluster; available: {known}")
+    return ClusterConfig.from_dict({**yaml.safe_load(path.read_text()), **values})

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import os
 import resource
-from pathlib import Path
 
 import torch
-import yaml
 
 from model.config import ConfigError
 from train.config import RunConfig
-from train.plan.cluster import ClusterConfig
+from train.plan.cluster import ClusterConfig, load_cluster
 from train.plan.predict import GB, Prediction, predict
 
-CLUSTERS = Path(__file__).resolve().parents[2] / "conf" / "cluster"
 _BY_DEVICE = {"H200": "h200_8x", "H100": "h100_8x", "A100": "a100_80g_8x"}
 
 
@@ -27,10 +24,9 @@ def cluster_for(device: torch.device, world: int) -> ClusterConfig | None:
         name = "cpu_local"
     if name is None:
         return None
-    values = yaml.safe_load((CLUSTERS / f"{name}.yaml").read_text())
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    values.update(gpus_per_node=per_node, nodes=max(1, world // per_node))
-    return ClusterConfig.from_dict(values)
+    return load_cluster([f"cluster={name}", f"cluster.gpus_per_node={per_node}",
+                         f"cluster.nodes={max(1, world // per_node)}"])
 
 
 def predict_run(cfg: RunConfig, device: torch.device, world: int) -> Prediction | None:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, replace
 from typing import Any
 
-from model.config import ModelConfig
+from model.config import ConfigError, ModelConfig
 from model.flops import flops_per_token, param_counts
-from train.config import ParallelConfig
+from train.config import ParallelConfig, TrainConfig
 from train.memory import activations, model_states
 from train.parallel.dims import Layout, validate_layout
 from train.plan.cluster import ClusterConfig
@@ -112,3 +113,31 @@ def describe(model: ModelConfig, p: Prediction, cluster: ClusterConfig, seq_len:
     lines.append(f"  {'total':<14} {t.total:9.4f}  (bubble fraction {pipeline_bubble_fraction(p.micro_batches, lay.pp):.3f})")
     lines += ["", f"tokens/s per GPU {p.tokens_per_s_per_gpu:,.0f} | MFU {100 * p.mfu:.1f}%"]
     return "\n".join(lines)
+
+
+def search(model: ModelConfig, train: TrainConfig, cluster: ClusterConfig) -> list[Prediction]:
+    """Every layout `train.parallel.dims.validate_layout` accepts on this cluster for this global batch, with every
+    micro-batch size and recompute mode, that fits; fastest first."""
+    world = cluster.world_size
+    divisors = [d for d in range(1, world + 1) if world % d == 0]
+    experts = [d for d in range(1, max(1, model.num_experts) + 1) if max(1, model.num_experts) % d == 0]
+    found = []
+    for tp, pp, ep, zero, mode in itertools.product(
+        [d for d in divisors if d <= cluster.gpus_per_node], divisors, experts, (0, 1, 2, 3),
+        ("none", "selective", "full"),
+    ):
+        if pp > model.n_layers or world % (tp * pp):
+            continue
+        dp = world // (tp * pp)
+        for mb in (1, 2, 4, 8, 16, 32):
+            if train.global_batch_size % (mb * dp):
+                continue
+            try:
+                p = predict(replace(model, activation_checkpointing=mode),
+                            ParallelConfig(name="search", zero_stage=zero, tp=tp, pp=pp, ep=ep), cluster,
+                            seq_len=train.seq_len, micro_batch=mb, global_batch=train.global_batch_size)
+            except ConfigError:
+                continue
+            if p.fits:
+                found.append(p)
+    return sorted(found, key=lambda p: -p.tokens_per_s_per_gpu)
