@@ -15,7 +15,8 @@ large), written with webdataset's ``ShardWriter`` as ``{split}-NNNNNN.tar``: sta
 webdataset shards (key ``NNNNNNNN``, field ``tokens.u16`` / ``tokens.u32``). ``index.json``
 records, per split and shard, each member's token count and the byte offset/length of its
 payload inside the tar, so the loader can memory-map the tars and read any token range
-directly. ``index.json`` is written last (atomically): its presence means the data is complete.
+directly, and (format version 2) the sha256 of each shard file and of each member's payload, so a
+reader can check what it fetched (:mod:`data.shard_hash`). ``index.json`` is written last (atomically): its presence means the data is complete.
 The output is byte-identical for the same input, tokenizer and options, whatever ``--workers``.
 
 Scaling out (see :mod:`data.prepare_parallel`): ``--workers N`` encodes in N processes. ``--num-tasks T
@@ -54,9 +55,9 @@ from data.prepare_parallel import (
     task_from_env,
     write_index,
 )
+from data.shard_hash import FORMAT_VERSION, add_digests
 from data.tokenizer import Tokenizer, _collect_inputs, add_input_arguments
 
-FORMAT_VERSION = 1
 SPLITS = ("train", "val")
 DEFAULT_MEMBER_TOKENS = 1 << 16
 DEFAULT_SHARD_TOKENS = 1 << 26  # 64M tokens (128 MB of uint16) per shard
@@ -144,7 +145,7 @@ class SplitShardWriter:
             if member["nbytes"] != count * self.dtype.itemsize:
                 raise RuntimeError(f"{path}: member {member['name']} has {member['nbytes']} bytes, expected {count}")
             member["tokens"] = count
-        self._shards.append({"path": path.name, "bytes": path.stat().st_size, "members": members})
+        self._shards.append(add_digests({"path": path.name, "bytes": path.stat().st_size, "members": members}, path))
 
     def close(self) -> dict:
         if self._buffered:

@@ -13,7 +13,8 @@ the cheap id pre-pass over all inputs, so the train/val assignment (fallback val
 single job's. :func:`merge_parts` writes ``DIR/index.json`` listing the parts' shards per split in task
 order (paths relative to ``DIR``): each split's token stream is the single job's, token for token; only
 member and shard boundaries differ (a part's last member may be short), and the loader reads those from
-the index.
+the index. The merged index is format version 2 whatever its parts: a version 2 part's digests are copied
+(its files' sizes are checked, their bytes not re-read), a version 1 part's are computed from its files.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import Self
 import numpy as np
 
 from data.corpus import Document, InputFile, iter_document_ids, iter_documents
+from data.shard_hash import FORMAT_VERSION, READABLE_FORMAT_VERSIONS, add_digests
 from data.source import INDEX_NAME
 from data.tokenizer import Tokenizer
 
@@ -219,7 +221,10 @@ def _check_part(out_dir: Path, task_id: int, index: dict, ref: dict, num_tasks: 
         raise RuntimeError(f"merge: {name} read {task['total_documents']} documents, part-0 read "
                            f"{ref['task']['total_documents']}: the tasks read different inputs; re-run every task "
                            "on the same --input/--corpus")
-    for key in ("format_version", "dtype", "member_tokens", "vocab_size", "eos_id", "bos_id", "val_fraction"):
+    if index.get("format_version") not in READABLE_FORMAT_VERSIONS:
+        raise RuntimeError(f"merge: {name} has format_version {index.get('format_version')!r}, this merge reads "
+                           f"{' or '.join(map(str, READABLE_FORMAT_VERSIONS))}; {rerun}")
+    for key in ("dtype", "member_tokens", "vocab_size", "eos_id", "bos_id", "val_fraction"):
         if index.get(key) != ref.get(key):
             raise RuntimeError(f"merge: {name} has {key} {index.get(key)!r}, part-0 has {ref.get(key)!r}; {rerun}")
     for split in ref["splits"]:
@@ -267,13 +272,18 @@ def merge_parts(out_dir: str | Path) -> dict:
     splits = {}
     for split in ref["splits"]:
         parts = [indexes[i]["splits"][split] for i in range(num_tasks)]
+        shards = [{**shard, "path": f"{part_dir_name(i)}/{shard['path']}"}
+                  for i, p in enumerate(parts) for shard in p["shards"]]
+        for shard in shards:
+            if "sha256" not in shard:  # a version 1 part: its digests come from the files (sizes checked above)
+                add_digests(shard, out_dir / shard["path"])
         splits[split] = {
             "tokens": sum(p["tokens"] for p in parts),
             "documents": sum(p["documents"] for p in parts),
-            "shards": [{**shard, "path": f"{part_dir_name(i)}/{shard['path']}"}
-                       for i, p in enumerate(parts) for shard in p["shards"]],
+            "shards": shards,
         }
     merged = {key: value for key, value in ref.items() if key not in ("splits", "task")}
+    merged["format_version"] = FORMAT_VERSION
     merged["splits"] = splits
     merged["parts"] = [
         {"path": part_dir_name(i), "documents": indexes[i]["task"]["documents"],

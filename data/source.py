@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 INDEX_NAME = "index.json"
-SUPPORTED_FORMAT_VERSIONS = (1,)
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
 ON_ERROR_CHOICES = ("raise", "skip")
 _PROBES = 16  # hashed replacement attempts before the scan; each hits a bad shard with its share of bad samples
 _U64 = (1 << 64) - 1

@@ -21,6 +21,7 @@ from data.prepare_parallel import BatchEncoder, task_from_env
 from data.source import TokenSource
 from data.stream import DataConfig, GlobalBatchLoader, SourceConfig
 from data.tokenizer import Tokenizer
+from tests.test_data_prepare import assert_digests_match
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "artifacts/tokenizer/shakespeare.model"
@@ -116,6 +117,7 @@ def test_merged_tasks_give_the_single_job_stream_and_batches(single, merged):
     assert member_tokens(many) != member_tokens(one)
     for key in ("dtype", "member_tokens", "tokenizer", "vocab_size", "eos_id", "val_fraction"):
         assert many[key] == one[key], key
+    assert assert_digests_match(single, one) and assert_digests_match(merged, many)
 
     def batches(path: Path) -> list[torch.Tensor]:
         loader = GlobalBatchLoader(DataConfig(sources=[SourceConfig(str(path))], num_workers=0, shuffle=True),
@@ -124,6 +126,26 @@ def test_merged_tasks_give_the_single_job_stream_and_batches(single, merged):
 
     for x, y in zip(batches(single), batches(merged), strict=True):
         assert torch.equal(x, y)
+
+
+def test_merge_of_version_1_parts_computes_their_digests(merged, tmp_path):
+    """A part written before format version 2 (no digests) merges into a version 2 index whose digests are
+    computed from its files: the same index as merging version 2 parts."""
+    out = tmp_path / "out"
+    shutil.copytree(merged, out)
+    part = out / "part-1" / "index.json"
+    old = json.loads(part.read_text())
+    old["format_version"] = 1
+    for info in old["splits"].values():
+        for shard in info["shards"]:
+            del shard["sha256"]
+            for m in shard["members"]:
+                del m["sha256"]
+    part.write_text(json.dumps(old))
+    assert prepmod.main(["merge", "--out", str(out)]) == 0
+    a, b = (json.loads((d / "index.json").read_text()) for d in (merged, out))
+    assert b["format_version"] == 2 and a["splits"] == b["splits"]
+    assert assert_digests_match(out, b)
 
 
 def test_merge_refuses_missing_and_mismatched_parts(corpus, merged, tmp_path):
