@@ -9,43 +9,24 @@ Bundled corpora (all available offline once their package is installed):
 - ``python-stdlib``: the ``*.py`` files of the running interpreter's standard library
   (code; test suites and site-packages are left out).
 
-A *document* is one text file or one jsonl record. Its id (used to split train/val) is the
-path relative to the input root, plus ``:LINE`` for jsonl records, so the split does not
-depend on where the data lives on disk.
+User inputs (files, directories, jsonl, parquet, URLs) are read by :mod:`data.inputs`; its names are
+re-exported here.
 """
 
 from __future__ import annotations
 
-import gzip
 import importlib.util
-import json
 import os
 import sysconfig
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
+
+from data.inputs import Document, InputFile, expand_inputs, iter_document_ids, iter_documents
+
+__all__ = ["CORPUS_NAMES", "Document", "InputFile", "corpus_files", "corpus_inputs", "expand_inputs",
+           "is_code_corpus", "iter_document_ids", "iter_documents"]
 
 PYTHON_DOCS_ROOT = Path("/usr/share/doc/python3.11/html/_sources")
 CODE_CORPORA = frozenset({"python-stdlib"})
-JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
-
-
-@dataclass(frozen=True)
-class InputFile:
-    """A file to read documents from. ``name`` is its id prefix (path relative to the input root)."""
-
-    path: Path
-    name: str
-
-    @property
-    def is_jsonl(self) -> bool:
-        return self.path.name.endswith(JSONL_SUFFIXES)
-
-
-@dataclass(frozen=True)
-class Document:
-    doc_id: str
-    text: str
 
 
 # ----------------------------------------------------------------------------- corpora
@@ -123,75 +104,3 @@ def corpus_inputs(name: str) -> list[InputFile]:
 def is_code_corpus(name: str) -> bool:
     _check_name(name)
     return name in CODE_CORPORA
-
-
-# ----------------------------------------------------------------------------- user inputs
-def _looks_binary(path: Path) -> bool:
-    # The same heuristic git uses: a NUL byte early in the file means binary.
-    with open(path, "rb") as fh:
-        return b"\0" in fh.read(8192)
-
-
-def expand_inputs(paths: Sequence[str | Path]) -> list[InputFile]:
-    """Files named directly, plus every non-hidden text file under named directories (sorted)."""
-    inputs: list[InputFile] = []
-    for raw in paths:
-        path = Path(raw)
-        if path.is_file():
-            inputs.append(InputFile(path, path.name))
-        elif path.is_dir():
-            for p in sorted(path.rglob("*")):
-                rel = p.relative_to(path)
-                if not p.is_file() or any(part.startswith(".") for part in rel.parts):
-                    continue
-                if p.name.endswith(".gz") and not p.name.endswith(".jsonl.gz"):
-                    continue
-                if not p.name.endswith(".jsonl.gz") and _looks_binary(p):
-                    continue
-                inputs.append(InputFile(p, rel.as_posix()))
-        else:
-            raise FileNotFoundError(f"--input {path}: no such file or directory")
-    if not inputs:
-        raise FileNotFoundError(f"--input {' '.join(map(str, paths))}: no text files found")
-    return inputs
-
-
-def _open_text(path: Path):
-    if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
-    return open(path, encoding="utf-8", errors="replace")
-
-
-def iter_document_ids(inputs: Iterable[InputFile]) -> Iterator[str]:
-    """The ids of the documents :func:`iter_documents` yields, without decoding jsonl (a cheap pre-pass)."""
-    for inp in inputs:
-        if not inp.is_jsonl:
-            yield inp.name
-            continue
-        with _open_text(inp.path) as fh:
-            for lineno, line in enumerate(fh, 1):
-                if line.strip():
-                    yield f"{inp.name}:{lineno}"
-
-
-def iter_documents(inputs: Iterable[InputFile], jsonl_key: str = "text") -> Iterator[Document]:
-    """Each text file is one document; each non-blank line of a .jsonl(.gz) file is one record."""
-    for inp in inputs:
-        if not inp.is_jsonl:
-            with _open_text(inp.path) as fh:
-                yield Document(inp.name, fh.read())
-            continue
-        with _open_text(inp.path) as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{inp.path}:{lineno}: invalid JSON ({exc.msg})") from None
-                text = record.get(jsonl_key) if isinstance(record, dict) else None
-                if not isinstance(text, str):
-                    raise ValueError(  # noqa: TRY004 (bad data, not a programming error)
-                        f"{inp.path}:{lineno}: record has no string field {jsonl_key!r}; pass --jsonl-key FIELD"
-                    )
-                yield Document(f"{inp.name}:{lineno}", text)

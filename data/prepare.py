@@ -36,7 +36,7 @@ import hashlib
 import sys
 import tarfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +44,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from data.corpus import InputFile
+from data.output import Output, join, public_url
 from data.prepare_parallel import (
     INDEX_NAME,
     BatchEncoder,
@@ -99,8 +100,10 @@ def index_tar_members(tar_path: Path) -> list[dict]:
 class SplitShardWriter:
     """Buffers one split's token stream and writes it as fixed-size members into tar shards."""
 
-    def __init__(self, out_dir: Path, split: str, dtype: np.dtype, member_tokens: int, members_per_shard: int):
+    def __init__(self, out_dir: Path, split: str, dtype: np.dtype, member_tokens: int, members_per_shard: int,
+                 publish: Callable[[Path], None] | None = None):
         self.out_dir, self.split, self.dtype = out_dir, split, np.dtype(dtype)
+        self._publish = publish  # called with each finished shard (uploads it for a URL output)
         self.member_tokens, self.members_per_shard = member_tokens, members_per_shard
         self.field = member_field(self.dtype)
         self._buffer: list[np.ndarray] = []
@@ -146,6 +149,8 @@ class SplitShardWriter:
                 raise RuntimeError(f"{path}: member {member['name']} has {member['nbytes']} bytes, expected {count}")
             member["tokens"] = count
         self._shards.append(add_digests({"path": path.name, "bytes": path.stat().st_size, "members": members}, path))
+        if self._publish is not None:
+            self._publish(path)
 
     def close(self) -> dict:
         if self._buffered:
@@ -156,12 +161,8 @@ class SplitShardWriter:
         return {"tokens": self.total_tokens, "documents": self.documents, "shards": self._shards}
 
 
-def _remove_previous_output(out_dir: Path) -> None:
-    # Only files this module writes: stale shards from a larger earlier run would otherwise linger.
-    (out_dir / INDEX_NAME).unlink(missing_ok=True)
-    for split in SPLITS:
-        for old in out_dir.glob(f"{split}-*.tar"):
-            old.unlink()
+# Only files this module writes: stale shards from a larger earlier run would otherwise linger.
+SHARD_PATTERNS = tuple(f"{split}-*.tar" for split in SPLITS)
 
 
 def prepare(
@@ -173,14 +174,17 @@ def prepare(
     member_tokens: int = DEFAULT_MEMBER_TOKENS,
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
     jsonl_key: str = "text",
+    parquet_column: str | None = None,
     progress: bool = True,
     workers: int = 1,
     task: tuple[int, int] | None = None,
+    staging_dir: str | Path | None = None,
 ) -> dict:
     """Tokenize ``inputs`` into shards under ``out_dir``; returns the index (also written to index.json).
 
     ``workers`` processes encode; ``task=(I, T)`` prepares only task I's slice of the documents into
-    ``out_dir/part-I`` (see :mod:`data.prepare_parallel`)."""
+    ``out_dir/part-I`` (see :mod:`data.prepare_parallel`). ``out_dir`` may be an fsspec URL
+    (:mod:`data.output`; staged under ``staging_dir``, default the system's temporary directory)."""
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"--val-fraction {val_fraction}: must be in [0, 1)")
     if member_tokens < 1 or shard_tokens < member_tokens:
@@ -188,12 +192,21 @@ def prepare(
     if workers < 1:
         raise ValueError(f"--workers {workers}: must be >= 1")
     tok = Tokenizer.load(tokenizer_path)
-    out_dir = Path(out_dir)
     if task is not None:
-        (out_dir / INDEX_NAME).unlink(missing_ok=True)  # a merged index over the parts goes stale now
-        out_dir = out_dir / part_dir_name(task[0])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _remove_previous_output(out_dir)
+        with Output(out_dir, staging_dir) as parent:
+            parent.remove_previous(())  # a merged index over the parts goes stale now
+        out_dir = join(out_dir, part_dir_name(task[0]))
+    with Output(out_dir, staging_dir) as output:
+        output.remove_previous(SHARD_PATTERNS)
+        return _prepare_into(output, inputs, tok, tokenizer_path, val_fraction, member_tokens, shard_tokens,
+                             jsonl_key, parquet_column, progress, workers, task)
+
+
+def _prepare_into(
+    output: Output, inputs: Sequence[InputFile], tok: Tokenizer, tokenizer_path: str | Path, val_fraction: float,
+    member_tokens: int, shard_tokens: int, jsonl_key: str, parquet_column: str | None, progress: bool, workers: int,
+    task: tuple[int, int] | None,
+) -> dict:
     dtype = token_dtype(tok.vocab_size)
 
     # Every task reads all ids: the fallback val document and the ordinals are the single job's.
@@ -201,13 +214,14 @@ def prepare(
     fallback, num_docs = choose_val_ids(counting_document_ids(inputs, doc_counts), val_fraction)
     start, end = (0, num_docs) if task is None else task_bounds(*task, num_docs)
     writers = {
-        split: SplitShardWriter(out_dir, split, dtype, member_tokens, max(1, shard_tokens // member_tokens))
+        split: SplitShardWriter(output.local_dir, split, dtype, member_tokens, max(1, shard_tokens // member_tokens),
+                                output.publish)
         for split in SPLITS
     }
     with BatchEncoder(tok, dtype, workers) as encoder:  # before the progress bars' thread: workers may fork
         bar = tqdm(total=end - start, unit="doc", desc="encode", disable=not progress)
         written = tqdm(unit="tok", unit_scale=True, desc="write", disable=not progress)
-        for doc_ids, encoded in encoder.encode(iter_document_range(inputs, doc_counts, start, end, jsonl_key)):
+        for doc_ids, encoded in encoder.encode(iter_document_range(inputs, doc_counts, start, end, jsonl_key, parquet_column)):
             for doc_id, tokens in zip(doc_ids, encoded, strict=True):
                 if not len(tokens):
                     continue  # empty document: nothing to learn, not even an EOS
@@ -234,7 +248,7 @@ def prepare(
     }
     if task is not None:
         index["task"] = {"id": task[0], "num_tasks": task[1], "documents": [start, end], "total_documents": num_docs}
-    write_index(out_dir, index)
+    output.publish(write_index(output.local_dir, index))  # last: its presence means the set is complete
     return index
 
 
@@ -250,8 +264,7 @@ def write_token_shards(
     """Write already-tokenized documents (one array per document, EOS included if wanted) as a
     prepared directory; the same format as :func:`prepare`, with no tokenizer recorded."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _remove_previous_output(out_dir)
+    Output(out_dir).remove_previous(SHARD_PATTERNS)
     dtype = token_dtype(vocab_size)
     result = {}
     for split in SPLITS:
@@ -297,11 +310,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data.prepare", description=__doc__.split("\n\n")[0],
                                      epilog="python -m data.prepare merge --out DIR: merge the parts of a task array")
     add_input_arguments(parser)
+    parser.add_argument("--parquet-column", help="column of parquet inputs holding the text (default: --jsonl-key)")
     parser.add_argument("--tokenizer", required=True, help="sentencepiece .model file (python -m data.tokenizer)")
-    parser.add_argument("--out", required=True, help="output directory (shards + index.json)")
+    parser.add_argument("--out", required=True, help="output directory or URL, e.g. s3://bucket/prefix "
+                        "(shards + index.json; credentials from the environment)")
     parser.add_argument("--val-fraction", type=float, default=0.01)
     parser.add_argument("--member-tokens", type=int, default=DEFAULT_MEMBER_TOKENS, help="tokens per tar member")
     parser.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per tar shard")
+    parser.add_argument("--staging-dir", help="local directory for shards on their way to a URL --out "
+                        "(default: the system's temporary directory; holds about one shard per split)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--workers", type=int, default=1, help="encoding processes (the output does not depend on it)")
     parser.add_argument("--num-tasks", type=int, help="split the work into T array-job tasks "
@@ -314,10 +331,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     index = prepare(
         inputs, args.tokenizer, args.out, val_fraction=args.val_fraction, member_tokens=args.member_tokens,
-        shard_tokens=args.shard_tokens, jsonl_key=args.jsonl_key, progress=not args.quiet, workers=args.workers,
-        task=task,
+        shard_tokens=args.shard_tokens, jsonl_key=args.jsonl_key, parquet_column=args.parquet_column, progress=not args.quiet, workers=args.workers,
+        task=task, staging_dir=args.staging_dir,
     )
-    out = args.out if task is None else Path(args.out) / part_dir_name(task[0])
+    out = args.out if task is None else join(args.out, part_dir_name(task[0]))
+    out = public_url(out) if "://" in str(out) else out
     print(f"wrote {out} ({index['dtype']}; {_summary(index)}) in {time.perf_counter() - start:.1f}s", file=sys.stderr)
     if task is not None:
         print(f"task {task[0]} of {task[1]} done; once all are: python -m data.prepare merge --out {args.out}",

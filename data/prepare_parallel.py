@@ -6,7 +6,7 @@ order. Split assignment, the token streams and the shard cuts are therefore exac
 ``--workers 1``: the output is byte-identical. At most ``2 N`` batches are in flight, so memory stays bounded.
 
 Tasks (``--num-tasks T --task-id I``, by default ``SLURM_ARRAY_TASK_COUNT`` and the array index): the
-documents are numbered ``0 .. D-1`` in the order of :func:`data.corpus.iter_document_ids` (the order a
+documents are numbered ``0 .. D-1`` in the order of :func:`data.inputs.iter_document_ids` (the order a
 single job reads them; empty documents count too). Task ``I`` takes the contiguous ordinals
 ``[I * D // T, (I + 1) * D // T)`` and writes a normal prepared directory ``DIR/part-I``. Every task makes
 the cheap id pre-pass over all inputs, so the train/val assignment (fallback val document included) is the
@@ -184,14 +184,15 @@ def counting_document_ids(inputs: Sequence[InputFile], counts: list[int]) -> Ite
 
 
 def iter_document_range(
-    inputs: Sequence[InputFile], counts: Sequence[int], start: int, end: int, jsonl_key: str = "text"
+    inputs: Sequence[InputFile], counts: Sequence[int], start: int, end: int, jsonl_key: str = "text",
+    parquet_column: str | None = None,
 ) -> Iterator[Document]:
     """The documents with ordinals ``[start, end)``; inputs wholly outside the range are not opened."""
     pos = 0
     for inp, n in zip(inputs, counts, strict=True):
         lo, hi = max(start, pos), min(end, pos + n)
         if lo < hi:
-            yield from itertools.islice(iter_documents([inp], jsonl_key), lo - pos, hi - pos)
+            yield from itertools.islice(iter_documents([inp], jsonl_key, parquet_column), lo - pos, hi - pos)
         pos += n
         if pos >= end:
             return
