@@ -296,10 +296,13 @@ def merge_main(argv: Sequence[str]) -> int:
         prog="python -m data.prepare merge",
         description="Write DIR/index.json over the parts DIR/part-I that --num-tasks T --task-id I wrote.",
     )
-    parser.add_argument("--out", required=True, help="the --out of the tasks (holds part-0 ... part-{T-1})")
+    parser.add_argument("--out", required=True, help="the --out of the tasks, a directory or URL (holds part-0 ... "
+                        "part-{T-1})")
     args = parser.parse_args(argv)
     index = merge_parts(args.out)
-    print(f"merged {len(index['parts'])} parts into {Path(args.out) / INDEX_NAME} ({_summary(index)})", file=sys.stderr)
+    into = join(args.out, INDEX_NAME)
+    print(f"merged {len(index['parts'])} parts into {public_url(into) if '://' in str(into) else into} "
+          f"({_summary(index)})", file=sys.stderr)
     return 0
 
 

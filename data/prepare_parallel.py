@@ -30,9 +30,12 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Self
 
+import fsspec
 import numpy as np
 
 from data.corpus import Document, InputFile, iter_document_ids, iter_documents
+from data.inputs import is_url
+from data.output import join
 from data.shard_hash import FORMAT_VERSION, READABLE_FORMAT_VERSIONS, add_digests
 from data.source import INDEX_NAME
 from data.tokenizer import Tokenizer
@@ -42,11 +45,15 @@ WORKER_BATCH_CHARS = 1 << 20  # smaller batches than in-process, so a small corp
 _PART_DIR = re.compile(r"part-(\d+)")
 
 
+def index_bytes(index: dict) -> bytes:
+    return (json.dumps(index, indent=1, sort_keys=True) + "\n").encode()
+
+
 def write_index(out_dir: Path, index: dict) -> Path:
     """Write index.json atomically (it marks the prepared directory as complete)."""
     path = out_dir / INDEX_NAME
     tmp = path.with_name(f".{INDEX_NAME}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
+    tmp.write_bytes(index_bytes(index))
     os.replace(tmp, path)
     return path
 
@@ -199,15 +206,29 @@ def iter_document_range(
 
 
 # ----------------------------------------------------------------------------- merge
-def _part_ids(out_dir: Path) -> list[int]:
-    return sorted(int(m.group(1)) for p in out_dir.iterdir() if p.is_dir() and (m := _PART_DIR.fullmatch(p.name)))
+def _part_ids(fs: fsspec.AbstractFileSystem, root: str) -> list[int]:
+    try:
+        entries = fs.ls(root, detail=True)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    names = (e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "directory")
+    return sorted(int(m.group(1)) for n in names if (m := _PART_DIR.fullmatch(n)))
 
 
-def _check_part(out_dir: Path, task_id: int, index: dict, ref: dict, num_tasks: int) -> None:
+def _size(fs: fsspec.AbstractFileSystem, path: str) -> int | None:
+    try:
+        return fs.size(path) if fs.isfile(path) else None
+    except FileNotFoundError:
+        return None
+
+
+def _check_part(
+    fs: fsspec.AbstractFileSystem, root: str, out_dir: str | Path, task_id: int, index: dict, ref: dict, num_tasks: int
+) -> None:
     name = part_dir_name(task_id)
     task = index.get("task")
     if not task:
-        raise RuntimeError(f"merge: {out_dir / name} was not written by a task (no 'task' in its index.json); "
+        raise RuntimeError(f"merge: {join(out_dir, name)} was not written by a task (no 'task' in its index.json); "
                            f"prepare it with --num-tasks {num_tasks} --task-id {task_id} --out {out_dir}")
     rerun = f"re-run task {task_id} (--num-tasks {num_tasks} --task-id {task_id} --out {out_dir}) with part-0's options"
     if task["num_tasks"] != num_tasks or task["id"] != task_id:
@@ -230,8 +251,8 @@ def _check_part(out_dir: Path, task_id: int, index: dict, ref: dict, num_tasks: 
             raise RuntimeError(f"merge: {name} has {key} {index.get(key)!r}, part-0 has {ref.get(key)!r}; {rerun}")
     for split in ref["splits"]:
         for shard in index["splits"][split]["shards"]:
-            path = out_dir / name / shard["path"]
-            size = path.stat().st_size if path.is_file() else None
+            path = join(out_dir, name, shard["path"])
+            size = _size(fs, f"{root}/{name}/{shard['path']}")
             if size != shard["bytes"]:
                 found = "missing" if size is None else f"{size} bytes"
                 raise RuntimeError(f"merge: {path} is {found}, its index.json expects {shard['bytes']} bytes; "
@@ -239,15 +260,18 @@ def _check_part(out_dir: Path, task_id: int, index: dict, ref: dict, num_tasks: 
 
 
 def merge_parts(out_dir: str | Path) -> dict:
-    """Write ``out_dir/index.json`` over the complete parts ``out_dir/part-0 .. part-{T-1}``; returns it."""
-    out_dir = Path(out_dir)
-    part_ids = _part_ids(out_dir) if out_dir.is_dir() else []
-    done = {i: out_dir / part_dir_name(i) / INDEX_NAME for i in part_ids}
-    done = {i: p for i, p in done.items() if p.is_file()}
+    """Write ``out_dir/index.json`` over the complete parts ``out_dir/part-0 .. part-{T-1}``; returns it.
+    ``out_dir`` may be a URL (the parts' tasks wrote there)."""
+    # One code path for a directory and a URL: fsspec's local filesystem reads the directory.
+    fs, root = fsspec.core.url_to_fs(str(out_dir), skip_instance_cache=True)
+    root = root.rstrip("/")
+    part_ids = _part_ids(fs, root)
+    done = {i: f"{root}/{part_dir_name(i)}/{INDEX_NAME}" for i in part_ids}
+    done = {i: p for i, p in done.items() if fs.isfile(p)}
     if not done:
         raise FileNotFoundError(f"merge: no complete part under {out_dir} (part-I/{INDEX_NAME}); run the tasks "
                                 f"first: python -m data.prepare ... --num-tasks T --task-id I --out {out_dir}")
-    raw = {i: p.read_bytes() for i, p in done.items()}
+    raw = {i: fs.cat_file(p) for i, p in done.items()}
     indexes = {i: json.loads(b) for i, b in raw.items()}
     first = indexes[min(indexes)]
     num_tasks = int((first.get("task") or {}).get("num_tasks", 0)) or len(part_ids)
@@ -259,17 +283,18 @@ def merge_parts(out_dir: str | Path) -> dict:
                            f"run --num-tasks {num_tasks} --task-id I --out {out_dir} for I in {ids}, then merge again")
     extra = [i for i in part_ids if i >= num_tasks]
     if extra:
-        raise RuntimeError(f"merge: {out_dir / part_dir_name(extra[0])} is not one of the {num_tasks} tasks of this "
+        raise RuntimeError(f"merge: {join(out_dir, part_dir_name(extra[0]))} is not one of the {num_tasks} tasks of this "
                            "run (left from an earlier run?); delete it and merge again")
     ref = indexes[0]
     for i in range(num_tasks):
-        _check_part(out_dir, i, indexes[i], ref, num_tasks)
+        _check_part(fs, root, out_dir, i, indexes[i], ref, num_tasks)
 
     # A stale merged index (or a single job's shards) must not outlive the merge, even if it fails midway.
-    (out_dir / INDEX_NAME).unlink(missing_ok=True)
-    for split in ref["splits"]:
-        for old in out_dir.glob(f"{split}-*.tar"):
-            old.unlink()
+    if fs.isfile(f"{root}/{INDEX_NAME}"):
+        fs.rm_file(f"{root}/{INDEX_NAME}")
+    stale = sorted({p for split in ref["splits"] for p in fs.glob(f"{root}/{split}-*.tar")})
+    if stale:
+        fs.rm(stale)
     splits = {}
     for split in ref["splits"]:
         parts = [indexes[i]["splits"][split] for i in range(num_tasks)]
@@ -277,7 +302,7 @@ def merge_parts(out_dir: str | Path) -> dict:
                   for i, p in enumerate(parts) for shard in p["shards"]]
         for shard in shards:
             if "sha256" not in shard:  # a version 1 part: its digests come from the files (sizes checked above)
-                add_digests(shard, out_dir / shard["path"])
+                add_digests(shard, f"{root}/{shard['path']}", fs)
         splits[split] = {
             "tokens": sum(p["tokens"] for p in parts),
             "documents": sum(p["documents"] for p in parts),
@@ -291,5 +316,8 @@ def merge_parts(out_dir: str | Path) -> dict:
          "index_sha256": hashlib.sha256(raw[i]).hexdigest()}
         for i in range(num_tasks)
     ]
-    write_index(out_dir, merged)
+    if is_url(out_dir):
+        fs.pipe_file(f"{root}/{INDEX_NAME}", index_bytes(merged))  # one PUT: the object appears complete or not
+    else:
+        write_index(Path(out_dir), merged)
     return merged

@@ -24,6 +24,7 @@ import zstandard
 from data import output as outmod
 from data import prepare as prepmod
 from data.inputs import expand_inputs, iter_document_ids, iter_documents
+from data.shard_hash import shard_digests, stream_digests
 from data.source import TokenSource
 from data.tokenizer import Tokenizer
 from tests.test_data_prepare import assert_digests_match
@@ -177,9 +178,35 @@ def test_inputs_from_s3_and_output_to_s3(inputs, reference, s3, tmp_path, monkey
     assert order[-1] == "index.json" and len(order) == len(_files(reference))
     assert list(staging.iterdir()) == []
 
-    # Array tasks may write their parts to a URL too.
-    _prepare(inputs / "jsonl", f"{s3}/tasks", "--num-tasks", "2", "--task-id", "1")
-    assert "part-1/index.json" in _download(f"{s3}/tasks")
+    # Array tasks write their parts to the URL and merge there: the local merge's objects, also when a part is
+    # of format version 1 (its digests then come from a streamed read of its shards).
+    for task_id in ("1", "0"):
+        _prepare(inputs / "jsonl", f"{s3}/tasks", "--num-tasks", "2", "--task-id", task_id)
+        _prepare(inputs / "jsonl", tmp_path / "tasks", "--num-tasks", "2", "--task-id", task_id)
+    part = json.loads(fs.cat_file(f"{s3}/tasks/part-1/index.json"))
+    part["format_version"] = 1
+    for shard in (sh for info in part["splits"].values() for sh in info["shards"]):
+        del shard["sha256"]
+        for m in shard["members"]:
+            del m["sha256"]
+    fs.pipe_file(f"{s3}/tasks/part-1/index.json", json.dumps(part).encode())
+    assert prepmod.main(["merge", "--out", f"{s3}/tasks"]) == 0
+    assert prepmod.main(["merge", "--out", str(tmp_path / "tasks")]) == 0
+    remote, local = _download(f"{s3}/tasks"), _files(tmp_path / "tasks")
+    assert sorted(remote) == sorted(local) and "index.json" in remote
+    assert all(remote[name] == local[name] for name in local if name != "index.json" and name != "part-1/index.json")
+    merged_remote, merged_local = json.loads(remote["index.json"]), json.loads(local["index.json"])
+    assert merged_remote["splits"] == merged_local["splits"] and merged_remote["format_version"] == 2
+    assert assert_digests_match(tmp_path / "tasks", merged_remote)
+
+
+def test_streamed_digests_equal_mapped_digests(reference):
+    index = json.loads((reference / "index.json").read_text())
+    for shard in (sh for info in index["splits"].values() for sh in info["shards"]):
+        with open(reference / shard["path"], "rb") as fh:  # small chunks: members cross chunk boundaries
+            streamed = stream_digests(fh, shard["members"], chunk=1000)
+        assert streamed == shard_digests(reference / shard["path"], shard["members"])
+        assert streamed == (shard["sha256"], [m["sha256"] for m in shard["members"]])
 
 
 def test_cli_to_s3_prints_no_credentials(inputs, s3, tmp_path):
