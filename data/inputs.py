@@ -24,6 +24,7 @@ import io
 import json
 import posixpath
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,7 +176,7 @@ def _parquet_file(inp: InputFile, fh):
 
 
 def _parquet_texts(inp: InputFile, column: str) -> Iterator[str]:
-    with fsspec.open(str(inp.path), "rb", **_FRESH) as fh:
+    with _reading(inp), fsspec.open(str(inp.path), "rb", **_FRESH) as fh:
         pf = _parquet_file(inp, fh)
         if column not in pf.schema_arrow.names:
             raise ValueError(f"{inp.path}: no column {column!r} (columns: {', '.join(pf.schema_arrow.names)}); "
@@ -192,13 +193,28 @@ def _parquet_texts(inp: InputFile, column: str) -> Iterator[str]:
 
 
 def _parquet_rows(inp: InputFile) -> int:
-    with fsspec.open(str(inp.path), "rb", **_FRESH) as fh:
+    with _reading(inp), fsspec.open(str(inp.path), "rb", **_FRESH) as fh:
         return _parquet_file(inp, fh).metadata.num_rows  # the footer only
+
+
+@contextmanager
+def _reading(inp: InputFile) -> Iterator[None]:
+    """Turns a failed open or read of a remote input into one line naming the URL, the cause and the fix."""
+    if not is_url(inp.path):
+        yield
+        return
+    try:
+        yield
+    except OSError as exc:  # fsspec: FileNotFoundError for HTTP 404 / a missing key; others for the network
+        url = str(inp.path).split("?", 1)[0]
+        cause = "not found" if isinstance(exc, FileNotFoundError) else f"{type(exc).__name__}: {exc}"
+        raise FileNotFoundError(f"--input {url}: {cause}; check the URL, that the server is reachable and the "
+                                "credentials in the environment") from None
 
 
 def _jsonl_lines(inp: InputFile) -> Iterator[tuple[int, str]]:
     """(line number, line) of each non-blank line."""
-    with open_text(inp) as fh:
+    with _reading(inp), open_text(inp) as fh:
         for lineno, line in enumerate(fh, 1):
             if line.strip():
                 yield lineno, line
@@ -238,5 +254,6 @@ def iter_documents(
                     )
                 yield Document(f"{inp.record_prefix}:{n}", text)
         else:
-            with open_text(inp) as fh:
-                yield Document(inp.name, fh.read())
+            with _reading(inp), open_text(inp) as fh:
+                text = fh.read()
+            yield Document(inp.name, text)

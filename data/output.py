@@ -60,11 +60,15 @@ class Output:
                     old.unlink()
             return
         index = f"{self._root}/{INDEX_NAME}"
-        if self._fs.exists(index):
-            self._fs.rm_file(index)
-        stale = sorted({p for pattern in patterns for p in self._fs.glob(f"{self._root}/{pattern}")})
-        if stale:
-            self._fs.rm(stale)
+        try:
+            if self._fs.exists(index):
+                self._fs.rm_file(index)
+            stale = sorted({p for pattern in patterns for p in self._fs.glob(f"{self._root}/{pattern}")})
+            if stale:
+                self._fs.rm(stale)
+        except OSError as exc:  # the first request to the destination: a missing bucket, refused credentials
+            raise FileNotFoundError(f"--out {public_url(self.out)}: {exc}; check the URL (its bucket must exist), "
+                                    "that the server is reachable and the credentials in the environment") from None
         self._fs.invalidate_cache()
 
     def publish(self, local: Path) -> None:

@@ -3,8 +3,10 @@
     python -m data.prepare --corpus shakespeare --tokenizer artifacts/tokenizer/shakespeare.model \\
         --out artifacts/data/shakespeare
     python -m data.prepare --input my_texts/ dump.jsonl.gz --tokenizer tok.model --out data/mine --val-fraction 0.01
+    python -m data.prepare --input s3://corpora/web/ --tokenizer tok.model --out s3://prepared/web
 
-Every text file (or jsonl record) is a document. Documents are encoded in batches, each is
+Every text file, jsonl record or parquet row is a document (inputs local or at URLs: :mod:`data.inputs`; a
+URL ``--out`` is staged and uploaded: :mod:`data.output`). Documents are encoded in batches, each is
 followed by EOS, and the documents of a split are concatenated into one token stream. A
 document goes to ``val`` when a hash of its id falls below ``--val-fraction`` (if no document
 does, the one with the smallest hash does, so ``val`` is never empty for two or more documents).

@@ -120,7 +120,7 @@ def test_inputs_from_a_loopback_http_server(inputs, reference, tmp_path):
         _prepare(f"{base}/zst/docs.jsonl.zst", tmp_path / "remote")
         _prepare(inputs / "zst" / "docs.jsonl.zst", tmp_path / "local")
         assert _files(tmp_path / "remote") == _files(tmp_path / "local")
-        with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        with pytest.raises(FileNotFoundError, match=r"^--input http://\S+/missing.jsonl: not found; check the URL"):
             _prepare(f"{base}/missing.jsonl", tmp_path / "missing")
     finally:
         server.shutdown()
@@ -177,6 +177,9 @@ def test_inputs_from_s3_and_output_to_s3(inputs, reference, s3, tmp_path, monkey
     assert _download(f"{s3}/out") == _files(reference)
     assert order[-1] == "index.json" and len(order) == len(_files(reference))
     assert list(staging.iterdir()) == []
+
+    with pytest.raises(FileNotFoundError, match=r"^--out s3://no-bucket/x: .*bucket.*; check the URL \(its bucket"):
+        _prepare(inputs / "jsonl", "s3://no-bucket/x")
 
     # Array tasks write their parts to the URL and merge there: the local merge's objects, also when a part is
     # of format version 1 (its digests then come from a streamed read of its shards).
