@@ -10,6 +10,9 @@ has no standard listing). Formats, by file name:
 - anything else: the whole file is one document (binary files and other ``.gz``/``.zst`` files are skipped
   inside directories).
 
+Parquet needs random access (its footer first): over http(s) the server must answer range requests, as nginx
+and object stores do.
+
 Document ids decide the train/val split, so they do not depend on where the data lives nor on how it is
 encoded: a text file's id is its path relative to the input root (its name, for a file named directly); a
 record's is that path without the record-format suffix plus ``:N``, the record's number from 1. The same
@@ -90,6 +93,11 @@ def _head(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
         return fh.read(8192)
 
 
+def _local_head(path: Path) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.read(8192)
+
+
 def _expand_url(url: str) -> list[InputFile]:
     fs, root = fsspec.core.url_to_fs(url, **_FRESH)
     if url.startswith(("http://", "https://")):
@@ -131,7 +139,7 @@ def expand_inputs(paths: Sequence[str | Path]) -> list[InputFile]:
                 rel = p.relative_to(path)
                 if not p.is_file() or any(part.startswith(".") for part in rel.parts):
                     continue
-                if _wanted(p.name, b"" if p.name.endswith(RECORD_SUFFIXES) else p.open("rb").read(8192)):
+                if _wanted(p.name, b"" if p.name.endswith(RECORD_SUFFIXES) else _local_head(p)):
                     inputs.append(InputFile(p, rel.as_posix()))
         else:
             raise FileNotFoundError(f"--input {path}: no such file or directory")
