@@ -27,7 +27,7 @@ import io
 import json
 import posixpath
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,19 +158,22 @@ def _open_binary(inp: InputFile):
     return fsspec.open(str(inp.path), "rb", **kwargs, **_FRESH).open()
 
 
-def open_text(inp: InputFile):
+@contextmanager
+def open_text(inp: InputFile) -> Iterator[io.TextIOWrapper]:
     """The input as a text stream (utf-8, undecodable bytes replaced, universal newlines), decompressed
-    by suffix."""
-    raw = _open_binary(inp)
-    if inp.filename.endswith(".gz"):
-        raw = gzip.GzipFile(fileobj=raw, mode="rb")
-    elif inp.filename.endswith(".zst"):
-        import zstandard
+    by suffix; closes every layer on exit."""
+    with ExitStack() as stack:
+        raw = stack.enter_context(_open_binary(inp))
+        if inp.filename.endswith(".gz"):
+            raw = stack.enter_context(gzip.GzipFile(fileobj=raw, mode="rb"))
+        elif inp.filename.endswith(".zst"):
+            import zstandard
 
-        # read_across_frames: a file written by several compressor runs (e.g. appended) is one stream.
-        raw = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=True)
-    return io.TextIOWrapper(raw if hasattr(raw, "peek") else io.BufferedReader(raw), encoding="utf-8",
-                            errors="replace")
+            # read_across_frames: a file written by several compressor runs (e.g. appended) is one stream.
+            raw = stack.enter_context(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True))
+        if not hasattr(raw, "peek"):
+            raw = io.BufferedReader(raw)
+        yield stack.enter_context(io.TextIOWrapper(raw, encoding="utf-8", errors="replace"))
 
 
 def _parquet_file(inp: InputFile, fh):
