@@ -12,25 +12,51 @@ a bad shard by another sample of the same source that overlaps none: hashed prob
 function of (seed, sample id, attempt), then a scan onward from the last probe. The choice depends on
 nothing else, so a replaced global batch is the same at any data-parallel size and worker count.
 
-Bytes altered inside a member's payload go unnoticed: ``index.json`` records no payload hashes.
+A source may also be a URL prefix (``https://``, ``http://``, ``s3://``; ``file://`` is a local directory):
+``index.json`` is fetched from there and shards go through the node's :class:`data.remote.ShardCache`. When the
+source's shards fit in the cache (``data.cache_max_gb``) each shard is downloaded whole, once per node, checked
+against the index (size, the shard's ``sha256`` of format version 2, member headers) and memory-mapped like a
+local one. When they do not, whole-shard caching would fetch each shard again for most of its samples (the order
+is a permutation of the whole source), so each *member* a sample overlaps is fetched by a ranged read of its
+payload, checked (size, the member's ``sha256``; version 1 sets: its tar header) and cached: with members no
+longer than ``seq_len / 2`` tokens an epoch fetches under 2x the source's bytes with a cache of a quarter of it
+(measured in tests/test_data_remote_cache.py). Fetches of the shards or members the next steps need run in
+background threads (:meth:`TokenSource.prefetch`). A shard that cannot be fetched after the retries is bad, like
+a damaged local one. Format version 1 sets have no digests: only sizes and tar headers are checked, and bytes
+altered inside a local member's payload go unnoticed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 import sys
 import tarfile
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from data.remote import DataReadError, FetchFailed, FetchSettings, Remote, ShardCache, is_url, local_path, sha256_file
+
 INDEX_NAME = "index.json"
-SUPPORTED_FORMAT_VERSIONS = (1, 2)
+SUPPORTED_FORMAT_VERSIONS = (1, 2)  # 2 adds sha256 per shard and per member
 ON_ERROR_CHOICES = ("raise", "skip")
 _PROBES = 16  # hashed replacement attempts before the scan; each hits a bad shard with its share of bad samples
 _U64 = (1 << 64) - 1
+_MEMBERS_IN_MEMORY = 256  # member payloads a process keeps decoded (member mode)
+
+
+class _Refused(Exception):
+    """What a fetch brought does not match index.json."""
+
+    def __init__(self, kind: str, why: str):
+        super().__init__(why)
+        self.kind, self.why = kind, why
 
 
 class DataConfigError(ValueError):
@@ -57,13 +83,17 @@ def probe(seed: int, sample_id: int, attempt: int, num_samples: int) -> int:
 
 
 class TokenSource:
-    """Random access to one split of a prepared directory through memory-mapped tar shards."""
+    """Random access to one split of a prepared directory (or URL prefix) through tar shards."""
 
-    def __init__(self, path: str | Path, split: str, key: str = "data.sources[0].path", on_error: str = "raise"):
+    def __init__(self, path: str | Path, split: str, key: str = "data.sources[0].path", on_error: str = "raise",
+                 fetch: FetchSettings | None = None, cache_share: float = 1.0):
         if on_error not in ON_ERROR_CHOICES:
             raise DataConfigError("data.on_error", f"{on_error!r} must be {' or '.join(ON_ERROR_CHOICES)}")
-        self.path, self.split, self.on_error = Path(path), split, on_error
-        index_bytes = (self.path / INDEX_NAME).read_bytes()
+        path = local_path(path) if isinstance(path, str) else path
+        self.remote = Remote(path, fetch or FetchSettings()) if is_url(path) else None
+        self.path: Any = self.remote.url if self.remote else Path(path)
+        self.split, self.on_error = split, on_error
+        index_bytes = self.remote.cat(INDEX_NAME) if self.remote else (self.path / INDEX_NAME).read_bytes()
         self.index_sha256 = hashlib.sha256(index_bytes).hexdigest()
         index = json.loads(index_bytes)
         if index.get("format_version") not in SUPPORTED_FORMAT_VERSIONS:
@@ -77,22 +107,36 @@ class TokenSource:
         self.eos_id = int(index["eos_id"])
         self.tokenizer_sha256 = (index.get("tokenizer") or {}).get("sha256")
         shards = index["splits"][split]["shards"]
-        self.shard_paths = [self.path / s["path"] for s in shards]
+        self._shard_rel = [s["path"] for s in shards]
+        self._shard_sha = [s.get("sha256") for s in shards]
+        self.shard_paths = [self.remote.full(r) if self.remote else self.path / r for r in self._shard_rel]
         members = [(i, m) for i, s in enumerate(shards) for m in s["members"]]
         self._member_shard = np.array([i for i, _ in members], dtype=np.int64)
         self._member_offset = np.array([m["offset"] for _, m in members], dtype=np.int64)
         self._member_tokens = np.array([m["tokens"] for _, m in members], dtype=np.int64)
         self._member_names = [m["name"] for _, m in members]
+        self._member_sha = [m.get("sha256") for _, m in members]
         self._member_start = np.concatenate([[0], np.cumsum(self._member_tokens)])
         # Stream position just past each shard's last token (members are in stream order, shard by shard).
         self._shard_end = self._member_start[np.searchsorted(self._member_shard, np.arange(len(shards)), "right")]
         self.num_tokens = int(self._member_start[-1])
-        self._shard_bytes: list[int] = []
+        self._shard_bytes = [int(s.get("bytes", max((m["offset"] + m["nbytes"] for m in s["members"]), default=0)))
+                             for s in shards]
         self.bad_shards: dict[int, str] = {}  # shard id -> cause, as found by this process (or its parent)
         self._maps: dict[int, np.ndarray] = {}
-        for shard_id, (shard_path, shard) in enumerate(zip(self.shard_paths, shards, strict=True)):
-            end = max((m["offset"] + m["nbytes"] for m in shard["members"]), default=0)
-            self._shard_bytes.append(int(shard.get("bytes", end)))
+        self._members: OrderedDict[int, np.ndarray] = OrderedDict()  # member mode: recent payloads
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = -1
+        self._pending: dict[int, Future] = {}  # shard (shard mode) or member (member mode) -> its fetch
+        self.mode = "local"
+        if self.remote:
+            settings = self.remote.settings
+            self.cache = ShardCache(settings.cache_root, settings.cache_max_bytes)
+            fits = sum(self._shard_bytes) <= settings.cache_max_bytes * cache_share
+            self.mode = "shard" if fits else "member"
+            return
+        for shard_id, shard_path in enumerate(self.shard_paths):
+            end = max((m["offset"] + m["nbytes"] for m in shards[shard_id]["members"]), default=0)
             if not shard_path.is_file():
                 self._bad(shard_id, "missing", "listed in index.json, not on disk")
             elif (size := shard_path.stat().st_size) < end or size != self._shard_bytes[shard_id]:
@@ -104,22 +148,114 @@ class TokenSource:
                                f"({self.bad_shards[first]}); restore the files or re-run {prepare_hint(self.path)}")
 
     def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_maps"] = {}  # memory maps are per process: each DataLoader worker opens its own
-        return state
+        # Memory maps, threads and their fetches are per process: each DataLoader worker makes its own.
+        return self.__dict__ | {"_maps": {}, "_members": OrderedDict(), "_pool": None, "_pool_pid": -1, "_pending": {}}
 
     def _bad(self, shard_id: int, kind: str, why: str) -> None:
         """Raise (on_error=raise) or record and warn once (on_error=skip) that a shard is unusable."""
-        fix = f"restore the file or re-run {prepare_hint(self.path)}"
+        fix = (f"restore the file or re-run {prepare_hint(self.path)}" if kind != "unreachable" else
+               "check the URL, the server and the credentials in the environment, or set data.on_error=skip")
         line = f"{kind} shard {self.shard_paths[shard_id]} ({why}); {fix}"
         if self.on_error == "raise":
-            raise RuntimeError(line)
+            raise DataReadError(line)
         if shard_id not in self.bad_shards:
             self.bad_shards[shard_id] = why
             print(f"warning: data.on_error=skip replaces the samples that overlap {line}", file=sys.stderr, flush=True)
 
     def num_samples(self, seq_len: int) -> int:
         return max(0, (self.num_tokens - 1) // seq_len)
+
+    # -- fetching (remote sources)
+    def _member_nbytes(self, m: int) -> int:
+        return int(self._member_tokens[m]) * self.dtype.itemsize
+
+    def _fetch_shard(self, shard_id: int) -> Path:
+        """The shard's file in the node cache, downloaded and checked (size, sha256) if no process has it."""
+        size, sha = self._shard_bytes[shard_id], self._shard_sha[shard_id]
+
+        def produce(tmp: Path) -> None:
+            self.remote.get(self._shard_rel[shard_id], tmp)
+            if (got := tmp.stat().st_size) != size:
+                raise _Refused("corrupt or truncated", f"{got} bytes fetched, index expects {size}")
+            if sha and (digest := sha256_file(tmp)) != sha:
+                raise _Refused("corrupt", f"sha256 {digest[:12]}... fetched, index expects {sha[:12]}...")
+
+        key = f"shards/{sha}" if sha else f"v1/{self.index_sha256[:16]}/{self._shard_rel[shard_id]}"
+        return self.cache.get(key, size, produce)
+
+    def _fetch_member(self, m: int) -> Path:
+        """The member's payload in the node cache, fetched by a ranged read and checked if no process has it:
+        size and sha256 (format version 2), or the member's tar header (version 1, read with it)."""
+        offset, nbytes, sha, shard_id = int(self._member_offset[m]), self._member_nbytes(m), self._member_sha[m], \
+            int(self._member_shard[m])
+
+        def produce(tmp: Path) -> None:
+            header = 0 if sha else 512
+            data = self.remote.cat(self._shard_rel[shard_id], offset - header, offset + nbytes)
+            if len(data) != header + nbytes:
+                raise _Refused("corrupt or truncated", f"{len(data) - header} bytes fetched for member "
+                                                       f"{self._member_names[m]}, index expects {nbytes}")
+            if sha and (digest := hashlib.sha256(data).hexdigest()) != sha:
+                raise _Refused("corrupt", f"member {self._member_names[m]} has sha256 {digest[:12]}..., index expects "
+                                          f"{sha[:12]}...")
+            if header:
+                self._check_header(m, data[:512])
+            tmp.write_bytes(data[header:])
+
+        key = f"members/{sha}" if sha else f"v1/{self.index_sha256[:16]}/{self._shard_rel[shard_id]}@{offset}"
+        return self.cache.get(key, nbytes, produce)
+
+    def _fetched(self, item: int, fetch: Any) -> Path:
+        """``fetch(item)``'s result: the prefetch's if one was started in this process, else fetched now."""
+        future = self._pending.pop(item, None) if self._pool_pid == os.getpid() else None
+        return future.result() if future is not None else fetch(item)
+
+    def _fetch_or_bad(self, shard_id: int, item: int, fetch: Any) -> Path | None:
+        try:
+            return self._fetched(item, fetch)
+        except _Refused as exc:
+            self._bad(shard_id, exc.kind, exc.why)
+        except FetchFailed as exc:
+            if exc.cause.startswith("HTTP 416"):  # the server has fewer bytes than index.json records
+                self._bad(shard_id, "corrupt or truncated", f"{exc.cause}: shorter than index.json records")
+            else:
+                self._bad(shard_id, "unreachable", f"{exc.cause}, {exc.attempts} attempts")
+        return None
+
+    def prefetch(self, starts: np.ndarray, length: int) -> None:
+        """Start fetching, in background threads, what reading the windows ``[start, start + length)`` needs."""
+        if self.remote is None:
+            return
+        if self._pool is None or self._pool_pid != os.getpid():
+            self._pool = ThreadPoolExecutor(self.remote.settings.fetch_threads, thread_name_prefix="shard-fetch")
+            self._pool_pid, self._pending = os.getpid(), {}
+        members = self._window_members(starts, length)
+        if self.mode == "shard":
+            todo = {int(self._member_shard[m]) for m in members} - set(self._maps) - set(self.bad_shards)
+            fetch = self._fetch_shard
+        else:
+            todo = {m for m in members if m not in self._members and int(self._member_shard[m]) not in self.bad_shards}
+            fetch = self._fetch_member
+        for item in sorted(todo - set(self._pending)):
+            self._pending[item] = self._pool.submit(fetch, item)
+
+    def _window_members(self, starts: np.ndarray, length: int) -> list[int]:
+        starts = np.asarray(starts, dtype=np.int64)
+        first = np.searchsorted(self._member_start, starts, side="right") - 1
+        last = np.searchsorted(self._member_start, starts + length - 1, side="right") - 1
+        return sorted({m for f, lst in zip(first.tolist(), last.tolist(), strict=True) for m in range(f, lst + 1)})
+
+    # -- checking and mapping
+    def _check_header(self, m: int, header: bytes) -> None:
+        """Raises _Refused unless ``header`` is member ``m``'s tar header as index.json describes it."""
+        name, nbytes = self._member_names[m], self._member_nbytes(m)
+        try:
+            info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+        except (tarfile.HeaderError, ValueError) as exc:
+            raise _Refused("corrupt or truncated", f"bad tar header for {name}: {exc}") from None
+        if info.name != name or info.size != nbytes:
+            raise _Refused("corrupt or truncated", f"member at byte {int(self._member_offset[m])} is {info.name} "
+                                                   f"({info.size} bytes), index expects {name} ({nbytes} bytes)")
 
     def _shard(self, shard_id: int) -> np.ndarray | None:
         """The shard's bytes, checked once per process; None when the shard is bad (on_error=skip)."""
@@ -128,8 +264,13 @@ class TokenSource:
         mapped = self._maps.get(shard_id)
         if mapped is not None:
             return mapped
+        file = self.shard_paths[shard_id]
+        if self.remote is not None:
+            file = self._fetch_or_bad(shard_id, shard_id, self._fetch_shard)
+            if file is None:
+                return None
         try:
-            mapped = np.memmap(self.shard_paths[shard_id], dtype=np.uint8, mode="r")
+            mapped = np.memmap(file, dtype=np.uint8, mode="r")
         except (OSError, ValueError) as exc:  # ValueError: numpy refuses to map an empty file
             self._bad(shard_id, "unreadable", f"{type(exc).__name__}: {getattr(exc, 'strerror', None) or exc}")
             return None
@@ -140,26 +281,62 @@ class TokenSource:
         # Each member's tar header: a shard rewritten or damaged since index.json was written must not
         # feed the model the wrong bytes.
         for m in np.flatnonzero(self._member_shard == shard_id):
-            offset, name = int(self._member_offset[m]), self._member_names[m]
-            nbytes = int(self._member_tokens[m]) * self.dtype.itemsize
+            offset = int(self._member_offset[m])
             try:
-                info = tarfile.TarInfo.frombuf(bytes(mapped[offset - 512 : offset]), "utf-8", "surrogateescape")
-            except (tarfile.HeaderError, ValueError) as exc:
-                self._bad(shard_id, "corrupt or truncated", f"bad tar header for {name}: {exc}")
-                return None
-            if info.name != name or info.size != nbytes:
-                self._bad(shard_id, "corrupt or truncated", f"member at byte {offset} is {info.name} ({info.size} "
-                                                            f"bytes), index expects {name} ({nbytes} bytes)")
+                self._check_header(int(m), bytes(mapped[offset - 512 : offset]))
+            except _Refused as exc:
+                self._bad(shard_id, exc.kind, exc.why)
                 return None
         self._maps[shard_id] = mapped
         return mapped
 
+    def _payload(self, m: int) -> np.ndarray | None:
+        """Member ``m``'s payload bytes; None when its shard is bad (on_error=skip)."""
+        shard_id = int(self._member_shard[m])
+        if self.mode != "member":
+            mapped = self._shard(shard_id)
+            offset = int(self._member_offset[m])
+            return None if mapped is None else mapped[offset : offset + self._member_nbytes(m)]
+        if shard_id in self.bad_shards:
+            return None
+        payload = self._members.get(m)
+        if payload is None:
+            for _ in range(2):  # a cached file can be evicted by another process between fetch and read
+                file = self._fetch_or_bad(shard_id, m, self._fetch_member)
+                if file is None:
+                    return None
+                try:
+                    payload = np.fromfile(file, dtype=np.uint8)
+                    break
+                except FileNotFoundError:
+                    continue
+            if payload is None:
+                raise DataReadError(f"member {self._member_names[m]} of {self.shard_paths[shard_id]} left the cache "
+                                    f"{self.cache.root} as soon as it was fetched; raise data.cache_max_gb")
+            self._members[m] = payload
+            if len(self._members) > _MEMBERS_IN_MEMORY:
+                self._members.popitem(last=False)
+        self._members.move_to_end(m)
+        return payload
+
+    def _check_windows(self, starts: np.ndarray, length: int) -> None:
+        """Reach the verdict on every shard the windows overlap (under on_error=raise, raise on a bad one). In
+        member mode that means fetching the members they overlap: the verdict is what those members showed."""
+        members = self._window_members(starts, length)
+        if self.mode == "member":
+            for m in members:
+                self._payload(m)
+        else:
+            for shard_id in sorted({int(self._member_shard[m]) for m in members}):
+                self._shard(shard_id)
+
     def _last_bad_shard(self, index: int, seq_len: int) -> int | None:
         """The last bad shard that sample ``index``'s window (seq_len + 1 tokens) overlaps, else None."""
         start = index * seq_len
+        self._check_windows(np.array([start]), seq_len + 1)
         first, last = np.searchsorted(self._member_start, [start, start + seq_len], side="right") - 1
-        shards = range(int(self._member_shard[first]), int(self._member_shard[last]) + 1)
-        bad = [s for s in shards if self._shard(s) is None]  # checks every shard, so each verdict is reached
+        bad = [s for s in range(int(self._member_shard[first]), int(self._member_shard[last]) + 1)
+               if s in self.bad_shards]
         return bad[-1] if bad else None
 
     def resolve(self, index: int, seq_len: int, seed: int, sample_id: int) -> int:
@@ -178,22 +355,19 @@ class TokenSource:
                 return candidate
             candidate = -(-int(self._shard_end[bad]) // seq_len)
             candidate = 0 if candidate >= num_samples else candidate
-        names = ", ".join(self.shard_paths[s].name for s in sorted(self.bad_shards))
+        names = ", ".join(self._shard_rel[s] for s in sorted(self.bad_shards))
         raise RuntimeError(f"no sample of {self.path} ({self.split}) avoids its bad shards ({names}); "
                            f"restore the files or re-run {prepare_hint(self.path)}")
 
     def resolve_many(self, indices: np.ndarray, seq_len: int, seed: int, sample_ids: np.ndarray) -> np.ndarray:
-        """:meth:`resolve` of each sample; checks each shard the windows overlap once, vectorised."""
+        """:meth:`resolve` of each sample; checks each shard the windows overlap once."""
         starts = np.asarray(indices, dtype=np.int64) * seq_len
-        first, last = (self._member_shard[np.searchsorted(self._member_start, starts + d, side="right") - 1]
-                       for d in (0, seq_len))
-        spanned = {int(s) for f, lst in zip(first[last - first > 1], last[last - first > 1], strict=True)
-                   for s in range(f + 1, lst)}  # only windows longer than a shard
-        for shard_id in set(first.tolist()) | set(last.tolist()) | spanned:
-            self._shard(shard_id)  # reaches the verdict (under on_error=raise, raises on a bad shard)
+        self._check_windows(starts, seq_len + 1)
         out = np.array(indices, dtype=np.int64)
         if not self.bad_shards:
             return out
+        first, last = (self._member_shard[np.searchsorted(self._member_start, starts + d, side="right") - 1]
+                       for d in (0, seq_len))
         bad_before = np.concatenate([[0], np.cumsum(np.isin(np.arange(len(self.shard_paths)), list(self.bad_shards)))])
         for row in np.flatnonzero(bad_before[last + 1] > bad_before[first]):  # windows that overlap a bad shard
             out[row] = self.resolve(int(out[row]), seq_len, seed, int(sample_ids[row]))
@@ -207,12 +381,12 @@ class TokenSource:
         while filled < length:
             within = pos - int(self._member_start[member])
             take = min(length - filled, int(self._member_tokens[member]) - within)
-            first = int(self._member_offset[member]) + within * self.dtype.itemsize
-            shard_id = int(self._member_shard[member])
-            mapped = self._shard(shard_id)
-            if mapped is None:
+            payload = self._payload(member)
+            if payload is None:
                 raise RuntimeError(f"read of tokens [{start}, {start + length}) of {self.path} reaches the bad "
-                                   f"shard {self.shard_paths[shard_id]}; read samples through resolve()")
-            out[filled : filled + take] = mapped[first : first + take * self.dtype.itemsize].view(self.dtype)
+                                   f"shard {self.shard_paths[int(self._member_shard[member])]}; read samples "
+                                   "through resolve()")
+            first = within * self.dtype.itemsize
+            out[filled : filled + take] = payload[first : first + take * self.dtype.itemsize].view(self.dtype)
             filled, pos, member = filled + take, pos + take, member + 1
         return out

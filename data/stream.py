@@ -17,6 +17,11 @@ read (or skip through) whole shards in order, this reads only the bytes of the s
 needs, in any order, which is what a random permutation over the whole corpus and an exact
 mid-epoch resume need. :func:`iter_webdataset_tokens` offers plain webdataset streaming too.
 
+A source may be a URL prefix (``s3://bucket/set``, ``https://host/set``): :mod:`data.source` reads it through
+the node's shard cache (:mod:`data.remote`), and :meth:`GlobalBatchLoader.prefetch` starts fetching what the next
+``data.prefetch_steps`` global batches need (their samples are known: a function of data, seed and step) while
+the current one is read.
+
 ``data.on_error`` says what a bad shard does (see :mod:`data.source`): ``raise`` stops with one line
 naming it; ``skip`` replaces each sample that overlaps it by a sample of the same source chosen from
 (seed, sample id) alone, so every other position of every global batch keeps its sample.
@@ -36,8 +41,12 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from data.remote import DataReadError, FetchSettings, check_url, is_url, local_path
 from data.sampler import MAX_INDEX, MAX_SOURCES, MIX_BLOCK, MixtureSampler, decode_sample_id, largest_remainder
 from data.source import INDEX_NAME, ON_ERROR_CHOICES, DataConfigError, TokenSource, prepare_hint
+
+__all__ = ["DataConfig", "DataConfigError", "DataReadError", "FetchSettings", "GlobalBatchLoader", "SourceConfig",
+           "decode_sample_id", "iter_webdataset_tokens", "webdataset_token_dataset", "webdataset_urls"]
 
 
 def _ignore_stop_signals(_worker_id: int) -> None:
@@ -51,7 +60,7 @@ def _ignore_stop_signals(_worker_id: int) -> None:
 
 @dataclass
 class SourceConfig:
-    path: str  # a directory written by data.prepare (holds index.json)
+    path: str  # a directory written by data.prepare (holds index.json), or a URL prefix holding the same
     weight: float = 1.0
 
 
@@ -62,11 +71,12 @@ class DataConfig:
     num_workers: int = 1  # DataLoader worker processes per rank (prefetch)
     shuffle: bool = True
     on_error: str = "raise"  # a bad shard: raise stops the run; skip replaces the samples that overlap it
+    fetch: FetchSettings = field(default_factory=FetchSettings)  # URL sources: cache, prefetch, retries (flat keys)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], prefix: str = "data") -> DataConfig:
         """Build and validate from a mapping (e.g. the Hydra ``data`` group)."""
-        known = {"name", "sources", "num_workers", "shuffle", "on_error"}
+        known = {"name", "sources", "num_workers", "shuffle", "on_error", *FetchSettings.KEYS}
         unknown = sorted(set(d) - known)
         if unknown:
             raise DataConfigError(f"{prefix}.{unknown[0]}", f"unknown key; valid keys are {sorted(known)}")
@@ -87,6 +97,7 @@ class DataConfig:
         cfg = cls(
             name=str(d.get("name", cls.name)), sources=sources,
             num_workers=d.get("num_workers", 1), shuffle=d.get("shuffle", True), on_error=d.get("on_error", "raise"),
+            fetch=FetchSettings(**FetchSettings.from_dict(d)),
         )
         cfg.validate(prefix)
         return cfg
@@ -98,6 +109,8 @@ class DataConfig:
             raise DataConfigError(f"{prefix}.shuffle", f"{self.shuffle!r} must be true or false")
         if self.on_error not in ON_ERROR_CHOICES:
             raise DataConfigError(f"{prefix}.on_error", f"{self.on_error!r} must be {' or '.join(ON_ERROR_CHOICES)}")
+        for key, message in self.fetch.problems(prefix):
+            raise DataConfigError(key, message)
         if not self.sources:
             raise DataConfigError(f"{prefix}.sources", "must list at least one source")
         if len(self.sources) > MAX_SOURCES:
@@ -106,7 +119,11 @@ class DataConfig:
             key = f"{prefix}.sources[{i}]"
             if not np.isfinite(src.weight) or src.weight <= 0:
                 raise DataConfigError(f"{key}.weight", f"{src.weight} must be a positive number")
-            path = Path(src.path)
+            if is_url(src.path) and not src.path.startswith("file://"):
+                if (problem := check_url(src.path)) is not None:
+                    raise DataConfigError(f"{key}.path", problem)
+                continue  # index.json is fetched when the source opens
+            path = Path(local_path(src.path))
             if not path.is_dir():
                 raise DataConfigError(f"{key}.path", f"{path} does not exist; create it with {prepare_hint(path)}")
             if not (path / INDEX_NAME).is_file():
@@ -144,7 +161,8 @@ class GlobalBatchLoader:
         self.seq_len, self.global_batch_size = seq_len, global_batch_size
         self.micro_batch_size, self.dp_rank, self.dp_size = micro_batch_size, dp_rank, dp_size
         self.grad_accum_steps = global_batch_size // (micro_batch_size * dp_size)
-        self.sources = [TokenSource(s.path, split, f"data.sources[{i}].path", cfg.on_error)
+        remote = sum(is_url(s.path) for s in cfg.sources)  # they share the node's cache
+        self.sources = [TokenSource(s.path, split, f"data.sources[{i}].path", cfg.on_error, cfg.fetch, 1 / max(1, remote))
                         for i, s in enumerate(cfg.sources)]
         for i, src in enumerate(self.sources):
             if src.tokenizer_sha256 != self.sources[0].tokenizer_sha256:
@@ -209,6 +227,16 @@ class GlobalBatchLoader:
     def replaced_rows(self, step: int) -> list[int]:
         """Rows of ``batch(step).reshape(-1, seq_len + 1)`` whose sample overlapped a bad shard and was replaced."""
         return np.flatnonzero(self._rows(step)[2]).tolist()
+
+    def prefetch(self, step: int) -> None:
+        """Start fetching (background threads) what this rank's batches ``step .. step + data.prefetch_steps`` read
+        from remote sources; the shards or members are fetched once per node, into its cache."""
+        if not any(src.remote for src in self.sources):
+            return
+        for ahead in range(step, step + 1 + self.cfg.fetch.prefetch_steps):
+            sources, _, index = decode_sample_id(self.sample_ids(ahead).reshape(-1).numpy())
+            for s in np.unique(sources).tolist():
+                self.sources[s].prefetch(index[sources == s] * self.seq_len, self.seq_len + 1)
 
     def _batch_and_replaced(self, step: int) -> tuple[torch.Tensor, int]:
         sources, read, replaced = self._rows(step)
@@ -278,6 +306,7 @@ class _StepDataset(Dataset):
 
     def __getitem__(self, step: int) -> tuple[torch.Tensor, int]:
         # The replaced count travels with the batch: workers' loaders are copies the caller never sees.
+        self.loader.prefetch(step)
         return self.loader._batch_and_replaced(step)
 
 

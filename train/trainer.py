@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from data.stream import GlobalBatchLoader
+from data.stream import DataReadError, GlobalBatchLoader
 from model.flops import flops_per_token, param_counts
 from train.checkpoint import (
     CheckpointError,
@@ -337,6 +337,9 @@ def run(cfg: RunConfig, config_yaml: str) -> int:
         if is_main:
             print(f"error: {e}", file=sys.stderr, flush=True)
         exit_code = 1
+    except DataReadError as e:  # a shard that cannot be fetched, or was refused: the line names it and the cause
+        print(f"error: rank {rank} at step {step}: {e}", file=sys.stderr, flush=True)
+        exit_code = 1
     except RuntimeError as e:
         if not peer_failure(e):
             raise
@@ -357,7 +360,7 @@ def run(cfg: RunConfig, config_yaml: str) -> int:
 
 
 def _layout_text(layout: Any) -> str:
-    sizes = [f"dp {layout.dp}"] + [f"{k} {getattr(layout, k)}" for k in ("tp", "pp", "ep") if getattr(layout, k) > 1]
+    sizes = [f"dp {layout.dp}"] + [f"{k} {getattr(layout, k)}" for k in ("tp", "cp", "pp", "ep") if getattr(layout, k) > 1]
     return ", ".join(sizes)
 
 
