@@ -86,5 +86,9 @@ class Attention(nn.Module):
             cos, sin = rope
             q = apply_rope(q, cos, sin).to(v.dtype)
             k = apply_rope(k, cos, sin).to(v.dtype)
-        out = causal_attention(q, k, v, resolve_backend(self.backend, q))
+        out = self.attend(q, k, v)
         return self.o_proj(out.reshape(batch, seq, -1))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal attention of this sequence's q [B, T, H, Dh] over its k/v [B, T, Hkv, Dh]."""
+        return causal_attention(q, k, v, resolve_backend(self.backend, q))

@@ -30,16 +30,18 @@ def rope_inv_freq(head_dim: int, theta: float, device: torch.device | None = Non
 
 
 def rope_cos_sin(
-    head_dim: int, seq_len: int, theta: float, device: torch.device | None = None, dtype: torch.dtype = torch.float32
+    head_dim: int, seq_len: int, theta: float, device: torch.device | None = None, dtype: torch.dtype = torch.float32,
+    start: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cos and sin tables [seq_len, head_dim] for positions 0..seq_len-1 (computed in float32, cast to ``dtype``).
+    """Cos and sin tables [seq_len, head_dim] for positions start..start+seq_len-1 (computed in float32, cast to
+    ``dtype``); ``start`` > 0 for a part of a longer sequence.
 
     The frequencies are laid out in the "rotate_half" convention: the first and second halves of the
     head dimension form the (real, imaginary) pairs, so the table is the frequency vector repeated twice.
     This is the layout HuggingFace Llama/Mixtral checkpoints assume, so their q/k weights load unpermuted.
     """
     inv_freq = rope_inv_freq(head_dim, theta, device)
-    positions = torch.arange(seq_len, device=device, dtype=torch.float32)
+    positions = torch.arange(start, start + seq_len, device=device, dtype=torch.float32)
     # Elementwise outer product (not a matmul) so FLOP counters do not count it as model compute.
     angles = positions[:, None] * inv_freq[None, :]
     angles = torch.cat((angles, angles), dim=-1)

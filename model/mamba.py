@@ -92,23 +92,27 @@ def selective_scan_ref(
     z: Tensor | None = None,
     delta_bias: Tensor | None = None,
     delta_softplus: bool = False,
-) -> Tensor:
+    initial_state: Tensor | None = None,
+    return_final_state: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Sequential selective scan (one step per time index), computed in float32.
 
     x_t = exp(delta_t * A) * x_{t-1} + delta_t * B_t * u_t;  y_t = <x_t, C_t> + D * u_t;  y *= silu(z).
+    ``initial_state`` x_{-1} [batch, d_inner, N] (default zeros); with ``return_final_state`` also returns x_{T-1}.
     """
     _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
     delta = _discretize(delta, delta_bias, delta_softplus)
     u32, A32, B32, C32 = u.float(), A.float(), B.float(), C.float()
     batch, d_inner, seq_len = u.shape
-    state = u32.new_zeros(batch, d_inner, A.shape[1])
+    state = u32.new_zeros(batch, d_inner, A.shape[1]) if initial_state is None else initial_state.float()
     outputs = []
     for t in range(seq_len):
         decay = torch.exp(delta[:, :, t, None] * A32)
         state = decay * state + (delta[:, :, t] * u32[:, :, t])[..., None] * B32[:, None, :, t]
         outputs.append(torch.einsum("bdn,bn->bd", state, C32[:, :, t]))
     y = torch.stack(outputs, dim=-1) if outputs else u32.new_zeros(batch, d_inner, 0)
-    return _skip_and_gate(y, u, D, z, u.dtype)
+    y = _skip_and_gate(y, u, D, z, u.dtype)
+    return (y, state) if return_final_state else y
 
 
 def _chunk_states(
@@ -137,18 +141,24 @@ class _SelectiveScanCore(torch.autograd.Function):
     CPU a step is an elementwise pass over batch * N * d_inner numbers, and a two-level (parallel) scan would
     about triple those passes to save Python steps. The backward runs the recurrence right to left,
     g_t = dL/dh_t + a_{t+1} g_{t+1}, then contracts g with the chunk's inputs.
+
+    ``h0`` [batch, N, d_inner] is the state before the first step (None: zeros); the state after the last step is
+    returned beside y, so a sequence split over ranks (context parallelism) chains exactly: the gradient of the
+    final state enters the backward where the next chunk's would, and the gradient of ``h0`` is what remains.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, delta: Tensor, A: Tensor, du: Tensor, B: Tensor, C: Tensor, chunk_size: int
-    ) -> Tensor:
+        ctx, delta: Tensor, A: Tensor, du: Tensor, B: Tensor, C: Tensor, chunk_size: int, h0: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
         batch, seq_len, d_inner = delta.shape
         n = A.shape[1]
         chunk = max(1, min(chunk_size, seq_len, CHUNK_ELEMENTS // max(1, batch * n * d_inner)))
         A2_t = A.t().contiguous() * LOG2_E
         starts = range(0, seq_len, chunk)
         entering = delta.new_zeros(len(starts), batch, n, d_inner)
+        if h0 is not None:
+            entering[0] = h0
         decay, h = (delta.new_empty(batch * chunk * n * d_inner) for _ in range(2))
         y = delta.new_empty(batch, seq_len, d_inner)
         h_k = None
@@ -163,10 +173,11 @@ class _SelectiveScanCore(torch.autograd.Function):
             y[:, t0:t1] = torch.matmul(C[:, t0:t1].unsqueeze(2), h_k).squeeze(2)
         ctx.save_for_backward(delta, A, du, B, C, entering)
         ctx.chunk = chunk
-        return y
+        h_last = h_k[:, -1].clone() if h_k is not None else entering[0].clone()
+        return y, h_last
 
     @staticmethod
-    def backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx, grad_y: Tensor, grad_h_last: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         delta, A, du, B, C, entering = ctx.saved_tensors
         batch, seq_len, d_inner = delta.shape
         n, chunk = A.shape[1], ctx.chunk
@@ -176,7 +187,7 @@ class _SelectiveScanCore(torch.autograd.Function):
         grad_B, grad_C = torch.empty_like(B), torch.empty_like(C)
         grad_A_t = A_t.new_zeros(n, d_inner)
         decay, h, g = (delta.new_empty(batch * chunk * n * d_inner) for _ in range(3))
-        carry = None  # a_{t1} * g_{t1}: what the chunk after this one passes back to its last step
+        carry = grad_h_last  # a_{t1} * g_{t1}: what the chunk after this one passes back to its last step
         for k, t0 in reversed(list(enumerate(range(0, seq_len, chunk)))):
             t1 = min(t0 + chunk, seq_len)
             steps = t1 - t0
@@ -201,12 +212,15 @@ class _SelectiveScanCore(torch.autograd.Function):
             g_k[:, 0].mul_(entering[k])
             grad_A_t += torch.mul(g_k, delta[:, t0:t1].unsqueeze(2), out=decay_k).sum((0, 1))
             grad_delta[:, t0:t1] = g_k.mul_(A_t).sum(2)
-        return grad_delta, grad_A_t.t(), grad_du, grad_B, grad_C, None
+        grad_h0 = carry if ctx.needs_input_grad[6] else None
+        return grad_delta, grad_A_t.t(), grad_du, grad_B, grad_C, None, grad_h0
 
 
 @torch.compiler.disable  # traced, the per-step loops would unroll into a graph of thousands of ops (minutes to compile)
-def _run_scan_core(delta: Tensor, A: Tensor, du: Tensor, B: Tensor, C: Tensor, chunk_size: int) -> Tensor:
-    return _SelectiveScanCore.apply(delta, A, du, B, C, chunk_size)
+def _run_scan_core(
+    delta: Tensor, A: Tensor, du: Tensor, B: Tensor, C: Tensor, chunk_size: int, h0: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    return _SelectiveScanCore.apply(delta, A, du, B, C, chunk_size, h0)
 
 
 def selective_scan_chunked(
@@ -220,21 +234,27 @@ def selective_scan_chunked(
     delta_bias: Tensor | None = None,
     delta_softplus: bool = False,
     chunk_size: int = 64,
-) -> Tensor:
-    """Same result as ``selective_scan_ref`` (float32 inside), in time and memory linear in T (see the core)."""
+    initial_state: Tensor | None = None,
+    return_final_state: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Same result as ``selective_scan_ref`` (float32 inside), in time and memory linear in T (see the core).
+    ``initial_state`` / the final state: [batch, d_inner, N] (mamba_ssm's ``last_state`` layout)."""
     _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
     if chunk_size < 1:
         raise ValueError(f"selective scan: chunk_size must be >= 1, got {chunk_size}")
     if u.shape[-1] == 0:
-        return u.new_zeros(u.shape)
+        state = u.new_zeros(u.shape[0], u.shape[1], A.shape[1]) if initial_state is None else initial_state.float()
+        return (u.new_zeros(u.shape), state) if return_final_state else u.new_zeros(u.shape)
     delta = _discretize(delta, delta_bias, delta_softplus)
     # The core runs channels-last ([batch, T, ...]); these transposes are free when the caller's [batch, d, T]
     # tensors are themselves transposed views of [batch, T, d] ones, as the mixer's are.
     delta_cl = delta.transpose(1, 2).contiguous()
     du = (delta_cl * u.float().transpose(1, 2)).contiguous()
     B_cl, C_cl = (t.float().transpose(1, 2).contiguous() for t in (B, C))
-    y = _run_scan_core(delta_cl, A.float(), du, B_cl, C_cl, chunk_size)
-    return _skip_and_gate(y.transpose(1, 2), u, D, z, u.dtype)
+    h0 = None if initial_state is None else initial_state.float().transpose(1, 2).contiguous()
+    y, h_last = _run_scan_core(delta_cl, A.float(), du, B_cl, C_cl, chunk_size, h0)
+    y = _skip_and_gate(y.transpose(1, 2), u, D, z, u.dtype)
+    return (y, h_last.transpose(1, 2)) if return_final_state else y
 
 
 @functools.cache
@@ -322,13 +342,23 @@ class MambaMixer(nn.Module):
         for norm in (self.dt_layernorm, self.b_layernorm, self.c_layernorm):
             norm.weight.fill_(1.0)
 
-    def _causal_conv(self, x: Tensor) -> Tensor:
+    def _causal_conv(self, x: Tensor, past: Tensor | None = None) -> Tensor:
         """Depthwise causal conv1d of [batch, T, d_inner] -> [batch, T, d_inner], channels-last on both sides: run
-        as a conv2d over a [batch, d_inner, 1, T] view in channels_last memory format, which oneDNN takes as is."""
+        as a conv2d over a [batch, d_inner, 1, T] view in channels_last memory format, which oneDNN takes as is.
+        ``past``: the d_conv - 1 inputs before ``x`` [batch, d_conv - 1, d_inner] (None: zeros, a sequence start)."""
         weight, seq_len = self.conv1d.weight, x.shape[1]
+        pad = self.d_conv - 1
+        if past is not None:
+            x, pad = torch.cat((past.to(x.dtype), x), dim=1), 0
         x = x.transpose(1, 2).unsqueeze(2).contiguous(memory_format=torch.channels_last)
-        out = F.conv2d(x, weight.unsqueeze(2), self.conv1d.bias, padding=(0, self.d_conv - 1), groups=weight.shape[0])
+        out = F.conv2d(x, weight.unsqueeze(2), self.conv1d.bias, padding=(0, pad), groups=weight.shape[0])
         return out[..., :seq_len].squeeze(2).transpose(1, 2)  # causal: drop the right padding
+
+    def _scan(self, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, z: Tensor) -> Tensor:
+        """The selective scan of one sequence from a zero state (all tensors [batch, channels, T] but A)."""
+        # dt_proj's bias goes in as delta_bias (before the softplus), as the fused kernel expects.
+        return selective_scan(u, delta, A, B, C, self.D.float(), z, delta_bias=self.dt_proj.bias.float(),
+                              delta_softplus=True, chunk_size=self.chunk_size)
 
     def forward(self, x: Tensor) -> Tensor:
         """[batch, T, d_model] -> [batch, T, d_model]; training path, no inference cache.
@@ -340,19 +370,8 @@ class MambaMixer(nn.Module):
         hidden = F.silu(self._causal_conv(hidden))
         dt, B, C = torch.split(self.x_proj(hidden), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
-        # dt_proj's bias goes in as delta_bias (before the softplus), as the fused kernel expects.
         delta = F.linear(dt, self.dt_proj.weight)
         A = -torch.exp(self.A_log.float())
-        y = selective_scan(
-            hidden.transpose(1, 2),
-            delta.transpose(1, 2),
-            A,
-            B.transpose(1, 2),
-            C.transpose(1, 2),
-            self.D.float(),
-            gate.transpose(1, 2),
-            delta_bias=self.dt_proj.bias.float(),
-            delta_softplus=True,
-            chunk_size=self.chunk_size,
-        )
+        y = self._scan(hidden.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2),
+                       gate.transpose(1, 2))
         return self.out_proj(y.transpose(1, 2))

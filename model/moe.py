@@ -134,8 +134,8 @@ class MoE(nn.Module):
         num_slots = slot_expert.numel()
         # Counted by scatter rather than bincount, which reads the largest index back to the host on CUDA.
         routed = slot_expert.new_zeros(self.num_experts).index_add_(0, slot_expert, torch.ones_like(slot_expert))
-        load = routed.float() / num_slots
-        lb_loss = self.num_experts * (load * probs.mean(dim=0)).sum()
+        load, mean_probs = self._routing_stats(routed.float() / num_slots, probs.mean(dim=0))
+        lb_loss = self.num_experts * (load * mean_probs).sum()
         z_loss = torch.logsumexp(logits, dim=-1).square().mean()
 
         # Group slots by expert; a stable sort keeps token order inside each group (capacity priority).
@@ -173,6 +173,12 @@ class MoE(nn.Module):
             self._accumulate_load(load.detach())
         aux_loss = self.aux_loss_coeff * lb_loss + self.z_loss_coeff * z_loss
         return y.reshape(batch, seq_len, d_model), aux_loss
+
+    def _routing_stats(self, load: Tensor, mean_probs: Tensor) -> tuple[Tensor, Tensor]:
+        """The fraction of slots per expert and the mean router probability over the sequence, from this forward's
+        tokens. A context-parallel wrapper, whose forward sees only part of each sequence, averages them over the
+        other parts, so the balancing loss is the one of whole sequences."""
+        return load, mean_probs
 
     @torch.compiler.disable
     def _accumulate_load(self, load: Tensor) -> None:

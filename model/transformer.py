@@ -121,15 +121,17 @@ class Transformer(nn.Module):
                 b.copy_(init_buffer(self.cfg, name, b.shape, b.dtype))
 
     # --------------------------------------------------------------- forward
-    def rope_tables(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """RoPE (cos, sin) [seq_len, head_dim] in float32, or None when the config uses no RoPE.
+    def rope_tables(
+        self, seq_len: int, device: torch.device, start: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """RoPE (cos, sin) [seq_len, head_dim] in float32 for positions from ``start``, or None without RoPE.
 
         Recomputed every forward (a few thousand sin/cos, negligible) rather than cached in a buffer, so meta-device
         construction, ``to_empty`` and ``torch.compile`` need no special handling.
         """
         if not self.cfg.use_rope:
             return None
-        return rope_cos_sin(self.cfg.resolved_head_dim, seq_len, self.cfg.rope_theta, device)
+        return rope_cos_sin(self.cfg.resolved_head_dim, seq_len, self.cfg.rope_theta, device, start=start)
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> ModelOutput:
         """tokens [B, T] int64; labels [B, T] int64 aligned with the positions (-100 = ignore) or None."""

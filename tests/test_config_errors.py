@@ -55,7 +55,7 @@ INVALID = [
     # impossible layouts
     (["parallel=tp2", "model.n_heads=3", "model.n_kv_heads=3", "model.d_model=96"], 2, "parallel.tp", "n_heads=3"),
     (["parallel=pp2", "model.n_layers=1"], 2, "parallel.pp", "use pp <= 1"),
-    (["parallel=tp2"], 3, "parallel.tp", "world size 3 is not divisible by tp*pp"),
+    (["parallel=tp2"], 3, "parallel.tp", "world size 3 is not divisible by tp*cp*pp"),
     # data and tokenizer
     (["data.sources=[{path: /nonexistent/shards}]"], 1, "data.sources[0].path", "python -m data.prepare"),
     (["model.vocab_size=100"], 1, "model.vocab_size", "set model.vocab_size=8000"),

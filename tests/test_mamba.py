@@ -83,8 +83,31 @@ def test_scan_core_backward_gradcheck():
     du = torch.randn(batch, seq_len, d_inner, generator=g, dtype=torch.float64)
     B = torch.randn(batch, seq_len, n, generator=g, dtype=torch.float64)
     C = torch.randn(batch, seq_len, n, generator=g, dtype=torch.float64)
-    inputs = tuple(t.requires_grad_() for t in (delta, A, du, B, C))
-    assert torch.autograd.gradcheck(lambda *args: _SelectiveScanCore.apply(*args, 4), inputs)
+    h0 = torch.randn(batch, n, d_inner, generator=g, dtype=torch.float64)
+    inputs = tuple(t.requires_grad_() for t in (delta, A, du, B, C, h0))
+    # Both outputs (y and the final state) and the initial state's gradient, as context parallelism chains them.
+    assert torch.autograd.gradcheck(lambda d, a, u, b, c, h: _SelectiveScanCore.apply(d, a, u, b, c, 4, h), inputs)
+
+
+@pytest.mark.parametrize("scan", [selective_scan_ref, selective_scan_chunked], ids=["ref", "chunked"])
+def test_scan_split_in_two_with_state_hand_off_equals_one_scan(scan):
+    """A sequence scanned as two parts, the second starting from the first's final state, gives the whole scan's
+    outputs and every gradient (the hand-off context parallelism makes between ranks)."""
+    inputs = scan_inputs(2, 6, 4, 40, seed=11)
+    probe = torch.randn(2, 6, 40, generator=torch.Generator().manual_seed(3))
+    y_ref, g_ref = output_and_grads(selective_scan_ref, inputs, probe)
+
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
+    cut = 17
+    first = {k: (v[..., :cut] if v.dim() == 3 else v) for k, v in leaves.items()}
+    second = {k: (v[..., cut:] if v.dim() == 3 else v) for k, v in leaves.items()}
+    y1, state = scan(**first, delta_softplus=True, return_final_state=True)
+    y2 = scan(**second, delta_softplus=True, initial_state=state)
+    y = torch.cat((y1, y2), dim=-1)
+    (y * probe).sum().backward()
+    assert_close_to_scale(y, y_ref, "output")
+    for name in NAMES:
+        assert_close_to_scale(leaves[name].grad, g_ref[name], f"grad {name}")
 
 
 def test_chunked_scan_is_stable_with_extreme_decays():

@@ -29,9 +29,11 @@ def _close(measured: int, formula: int, what: str) -> None:
     assert abs(measured - formula) <= 0.01 * max(formula, 1), f"{what}: measured {measured}, formula {formula}"
 
 
-@pytest.mark.parametrize("layout", ["zero0", "zero1", "zero2", "zero3", "tp2"])
+@pytest.mark.parametrize("layout", ["zero0", "zero1", "zero2", "zero3", "tp2", "cp2-zero3"])
 def test_model_states_equal_the_live_engine(layout):
-    overrides = [*TINY, f"parallel={layout}", f"train.global_batch_size={1 if layout == 'tp2' else 2}"]
+    # cp2: ZeRO partitions over data x context parallel ranks (here the 2 CP ranks of one data-parallel replica)
+    parallel = ["parallel=zero3", "parallel.cp=2"] if layout == "cp2-zero3" else [f"parallel={layout}"]
+    overrides = [*TINY, *parallel, f"train.global_batch_size={1 if layout in ('tp2', 'cp2-zero3') else 2}"]
     cfg = run_config(overrides, 2)
     for r in run_layout(overrides, 2):
         states = model_states(cfg.model, make_layout(cfg.parallel, cfg.model, 2, r["rank"]), cfg.parallel.zero_stage)

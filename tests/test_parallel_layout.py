@@ -24,7 +24,15 @@ def run_config(overrides: list[str], world: int):
 
 # (overrides, world size, config key, words the one-line message must contain)
 INVALID = [
-    (["parallel.tp=3"], 4, "parallel.tp", ["world size 4", "tp*pp = 3*1"]),
+    (["parallel.tp=3"], 4, "parallel.tp", ["world size 4", "tp*cp*pp = 3*1*1"]),
+    (["parallel.cp=3"], 4, "parallel.cp", ["world size 4", "tp*cp*pp = 1*3*1"]),
+    (["parallel.cp=8"], 8, "parallel.cp", ["n_heads/tp = 4/1 = 4", "divides 4"]),
+    (["parallel.tp=2", "parallel.cp=4"], 8, "parallel.cp", ["n_heads/tp = 4/2 = 2"]),
+    (["model=moe_tiny", "parallel.ep=2", "parallel.cp=2"], 4, "parallel.ep", ["cp=2", "parallel.ep=1"]),
+    (["model=moe_tiny", "model.capacity_factor=1.25", "parallel.cp=2"], 2, "model.capacity_factor", ["dropless"]),
+    (["parallel.cp=2", "train.seq_len=33"], 2, "train.seq_len", ["parallel.cp=2", "multiple of 2"]),
+    (["parallel.cp=2", "parallel.tp=2", "train.seq_len=34"], 4, "train.seq_len", ["sequence parallel", "multiple of 4"]),
+    (["parallel.cp=2", "train.compile=true"], 2, "train.compile", ["context parallelism"]),
     (["parallel.tp=0"], 4, "parallel.tp", [">= 1"]),
     (["parallel.zero_stage=4"], 2, "parallel.zero_stage", ["stages 0-3"]),
     (["parallel.tp=8"], 8, "parallel.tp", ["n_heads=4", "tp=8"]),
@@ -73,12 +81,14 @@ def test_invalid_layout_is_refused_with_sizes_and_fix(overrides, world, key, wor
         (["model=moe_tiny", "parallel=pp2", "parallel.ep=2"], 4),
         (["model=moe_tiny", "parallel=tp2", "parallel.pp=2", "parallel.ep=2", "parallel.zero_stage=1"], 8),
         (["model=moe_tiny", "parallel=tp2_ep2", "parallel.zero_stage=0"], 4),
+        (["parallel=cp2"], 2),
+        (["model=hybrid_tiny", "parallel=cp2", "parallel.tp=2", "parallel.pp=2"], 16),
     ],
 )
 def test_shipped_layouts_are_valid(overrides, world, sample_data):
     run = run_config(overrides, world)
     p = run.parallel
-    assert run.dp_size == world // (p.tp * p.pp)
+    assert run.dp_size == world // (p.tp * p.pp * p.cp)
     assert run.grad_accum_steps * run.train.micro_batch_size * run.dp_size == run.train.global_batch_size
 
 
@@ -127,3 +137,20 @@ def test_make_layout_gives_each_rank_its_coordinates(sample_data):
     run = run_config(["parallel=tp2_zero1"], 4)
     coords = [(lay.dp_rank, lay.tp_rank) for lay in (make_layout(run.parallel, run.model, 4, r) for r in range(4))]
     assert coords == [(0, 0), (0, 1), (1, 0), (1, 1)]  # TP pairs read the same data-parallel slice
+
+
+def test_context_parallel_ranks_sit_between_tensor_and_data_parallel():
+    """tp=2, cp=2, dp=2, pp=2 on 16 ranks: TP fastest, then CP, then DP, then PP (megatron-core's tp-cp-ep-dp-pp);
+    DeepSpeed's data axis is dp x cp, so its topology agrees with the same ranks."""
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    base = Layout(world=16, dp=2, tp=2, pp=2, cp=2)
+    layouts = [Layout(world=16, dp=2, tp=2, pp=2, cp=2, rank=r) for r in range(16)]
+    for family in (base.tp_groups(), base.cp_groups(), base.dp_groups(), base.dp_cp_groups(), base.pp_groups()):
+        assert sorted(r for g in family for r in g) == list(range(16))
+    assert base.tp_groups()[0] == [0, 1] and base.cp_groups()[0] == [0, 2] and base.dp_groups()[0] == [0, 4]
+    assert base.dp_cp_groups()[0] == [0, 2, 4, 6] and base.pp_groups()[0] == [0, 8]
+    topo = PipeModelDataParallelTopology(num_pp=2, num_mp=2, num_dp=4)
+    for lay in layouts:
+        assert topo.get_rank(pipe=lay.pp_rank, data=lay.dp_cp_rank, model=lay.tp_rank) == lay.rank
+        assert lay.global_rank(lay.pp_rank, lay.dp_rank, lay.tp_rank, lay.cp_rank) == lay.rank

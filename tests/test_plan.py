@@ -13,7 +13,7 @@ import pytest
 
 from model.config import ConfigError, ModelConfig
 from tests.utils import PYTHON, REPO, TINY, child_env, read_metrics, run_train
-from train.config import ParallelConfig
+from train.config import ParallelConfig, TrainConfig
 from train.parallel.dims import validate_layout
 from train.plan.__main__ import main
 from train.plan.cluster import ClusterConfig, load_cluster
@@ -113,7 +113,7 @@ def test_cli_prints_a_table_and_json(capsys: pytest.CaptureFixture[str]) -> None
     out = json.loads(capsys.readouterr().out)
     for key in ("memory_per_gpu_gb", "step_time_s", "tokens_per_s_per_gpu", "mfu", "fits"):
         assert key in out
-    assert out["layout"] == {"tp": 2, "pp": 1, "dp": 8, "ep": 1, "zero_stage": 1, "sequence_parallel": True}
+    assert out["layout"] == {"tp": 2, "pp": 1, "dp": 8, "ep": 1, "cp": 1, "zero_stage": 1, "sequence_parallel": True}
     assert math.isclose(out["step_time_s"], sum(v for k, v in out["step_time_breakdown_s"].items()
                                                 if k in ("compute", "tp_comm", "ep_comm", "pp_comm", "bubble",
                                                          "dp_exposed", "optimizer")), rel_tol=1e-9)
@@ -203,3 +203,20 @@ def test_calibrate_measures_this_machine_into_a_cluster_config(tmp_path) -> None
     # The planner runs on it.
     p = predict(GPT_1B, ParallelConfig(zero_stage=1), cluster, seq_len=512, micro_batch=1, global_batch=4)
     assert p.time.total > 0 and p.layout.dp == 2
+
+
+def test_context_parallelism_divides_activations_and_pays_all_to_alls() -> None:
+    """A 32k-token sequence of the 1.3B model: one rank's activations do not fit an H100 without recompute; CP8
+    holds an eighth of them per GPU and adds the attention all-to-alls; the search finds CP layouts."""
+    long = replace(GPT_1B, max_seq_len=32768)
+    runs = {cp: predict(long, ParallelConfig(zero_stage=1, cp=cp), _h100(), seq_len=32768, micro_batch=1,
+                        global_batch=64 // cp) for cp in (1, 8)}
+    one, eight = runs[1], runs[8]
+    assert not one.fits and eight.fits
+    # per token an eighth; the fused loss's one [vocab, d_model] gradient buffer stays whole
+    assert one.memory["activations"] / 8 < eight.memory["activations"] < 1.05 * one.memory["activations"] / 8
+    assert one.time.cp_comm == 0 and eight.time.cp_comm > 0
+    # ZeRO partitions over data x context parallel ranks: 8 either way (dp 8 at CP1, cp 8 at dp 1)
+    assert eight.memory["optimizer"] == pytest.approx(one.memory["optimizer"], rel=1e-6)
+    found = search(long, replace(TrainConfig(), seq_len=32768, global_batch_size=8, micro_batch_size=1), _h100())
+    assert any(p.layout.cp > 1 for p in found)

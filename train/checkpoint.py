@@ -200,6 +200,8 @@ def layout_record(module: Any) -> dict[str, Any]:
     """What decides whether DeepSpeed's own files fit a run: every axis size, ZeRO stage, sequence parallelism."""
     lay = module.layout
     record = {axis: getattr(lay, axis) for axis in ("world", "dp", "tp", "pp", "ep")}
+    if lay.cp > 1:  # absent at cp = 1, so checkpoints saved before context parallelism existed keep their layout
+        record["cp"] = lay.cp
     return record | {"zero_stage": module.engine.zero_optimization_stage(), "sequence_parallel": module.sequence_parallel}
 
 

@@ -25,6 +25,8 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     ep: int = 1
+    # Context parallelism: each of cp ranks holds a contiguous part of every sequence (train.parallel.cp).
+    cp: int = 1
     # How pipeline stages split the layers: parameters (balance parameter counts), uniform (layer counts),
     # blocks (balance decoder blocks; embedding and head ride on the first and last stage). See train.parallel.pp.
     pp_partition: str = "parameters"
@@ -161,6 +163,21 @@ class TrainConfig:
                 f"{self.seq_len} is not divisible by parallel.tp={parallel.tp}: sequence "
                 "parallelism splits the sequence; pick a multiple of tp or parallel.sequence_parallel=false",
             )
+        if parallel.cp > 1:
+            split = parallel.cp * (parallel.tp if parallel.sp else 1)
+            if self.seq_len % split != 0:
+                raise ConfigError(
+                    "train.seq_len",
+                    f"{self.seq_len} is not divisible by parallel.cp={parallel.cp}"
+                    + (f" x tp={parallel.tp} (sequence parallel)" if parallel.sp else "")
+                    + f": context parallelism gives each rank an equal part of the sequence; pick a multiple of {split}",
+                )
+            if model.family == "hybrid" and self.seq_len // parallel.cp < model.mamba_d_conv - 1:
+                raise ConfigError("train.seq_len", f"{self.seq_len} / cp={parallel.cp} positions per rank are fewer than "
+                                  f"the Mamba conv1d's {model.mamba_d_conv - 1} inputs of left context; lower parallel.cp")
+            if self.compile:
+                raise ConfigError("train.compile", "is not supported with context parallelism yet (parallel.cp > 1); "
+                                  "use train.compile=false or parallel.cp=1")
         if self.resume not in ("auto", "never"):
             raise ConfigError("train.resume", f"got {self.resume!r}; use auto or never")
         if self.precision not in ("auto", "fp32", "bf16"):

@@ -135,7 +135,8 @@ def deepspeed_config(cfg: RunConfig, precision: str) -> dict[str, Any]:
     stage = cfg.parallel.zero_stage
     zero: dict[str, Any] = {"stage": stage, **zero_buckets(cfg.model).deepspeed(stage)}
     return {
-        "train_batch_size": cfg.train.global_batch_size,
+        # DeepSpeed counts a sample once per data x context parallel rank (CP ranks hold parts of the same ones).
+        "train_batch_size": cfg.train.global_batch_size * cfg.parallel.cp,
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum_steps,
         # DeepSpeed 0.19 clips at 1.0 unless told otherwise: always set it.

@@ -162,19 +162,21 @@ def model_states(cfg: ModelConfig, layout: Layout, zero_stage: int, precision: s
                            master=FP32 * local if precision == "bf16" else 0, buckets=0,
                            transient=min(local, DEEPSPEED_ALLREDUCE_ELEMENTS) * p_bytes,
                            step=2 * FP32 * max(n for _, n in params))
-    edp = layout.dp // layout.ep
+    # ZeRO partitions over the ranks holding the same parameters: data x context parallel.
+    dp = layout.dp_cp
+    edp = dp // layout.ep
     expert = sum(n for spec, n in params if spec.split == "expert")
     buckets = zero_buckets(cfg)
     bucket = min(buckets.reduce, local) * p_bytes
     if zero_stage in (1, 2):
-        part = math.ceil((local - expert) / layout.dp) + math.ceil(expert / edp)
+        part = math.ceil((local - expert) / dp) + math.ceil(expert / edp)
         return ModelStates(parameters=local * p_bytes, gradients=part * FP32, optimizer=2 * FP32 * part,
                            master=FP32 * part, buckets=0,
                            transient=bucket + (local * p_bytes if zero_stage == 1 else 0), step=2 * FP32 * part)
     if zero_stage != 3:
         raise ValueError(f"zero_stage must be 0-3, got {zero_stage}")
     # ZeRO-3 partitions each parameter on its own (the last rank's piece padded); small ones also stay whole.
-    part = sum(math.ceil(n / layout.dp) for _, n in params)
+    part = sum(math.ceil(n / dp) for _, n in params)
     persistent = sum(n for _, n in params if n <= buckets.persistence_threshold)
     gathered = max(buckets.max_live, max(n for _, n in params))
     return ModelStates(parameters=(part + persistent) * p_bytes, gradients=part * FP32, optimizer=2 * FP32 * part,
@@ -327,4 +329,4 @@ def rank_memory(cfg: ModelConfig, layout: Layout, zero_stage: int, micro_batch: 
         per = cfg.n_layers // layout.pp
         layers = range(layout.pp_rank * per, (layout.pp_rank + 1) * per)
     return RankMemory(model_states(cfg, layout, zero_stage, precision),
-                      activations(cfg, micro_batch, seq_len, precision, layout.tp, sp, layers))
+                      activations(cfg, micro_batch, seq_len // layout.cp, precision, layout.tp, sp, layers))

@@ -22,6 +22,7 @@ from model.transformer import Transformer
 from train.config import RunConfig
 from train.engine import build_optimizer, build_scheduler, deepspeed_config, zero3_master_weights_shared
 from train.numerics import NonFiniteGuard
+from train.parallel.cp import split_sequence
 from train.parallel.dims import Layout
 from train.parallel.grad import install_clipping
 from train.parallel.groups import ParallelGroups
@@ -83,6 +84,11 @@ class TrainModule(ABC):
     def moe_layers(self) -> list[tuple[int, nn.Module]]:
         """(MoE layer ordinal in the whole model, module) for the MoE layers held here."""
 
+    def _inputs(self, micro: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens, labels) of a micro-batch of samples [B, T + 1] for this rank: its part of the positions under
+        context parallelism (`train.parallel.cp.split_sequence`), else all of them."""
+        return split_sequence(micro, self.layout.cp_rank, self.layout.cp)
+
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])
 
@@ -95,9 +101,9 @@ class TrainModule(ABC):
             if load is None:
                 continue
             load = load.float().clone()
-            if self.layout.dp > 1:
+            if self.layout.dp_cp > 1:
                 dist.all_reduce(load, group=self.groups.dp_group)
-                load /= self.layout.dp
+                load /= self.layout.dp_cp
             moe.update_bias(load)  # the same global load on every rank: the biases stay in sync
             mean = load.mean().clamp_min(1e-12)
             stats[f"moe/layer{ordinal}/max_over_mean_load"] = float(load.max() / mean)
@@ -184,8 +190,8 @@ class DeepSpeedTrainModule(TrainModule):
         ce_sum = torch.zeros((), device=self.device)
         aux_sum = torch.zeros((), device=self.device)
         for i, micro in enumerate(batch):
-            micro = micro.to(self.device, non_blocking=True)
-            out = self.engine(micro[:, :-1], labels=micro[:, 1:])
+            tokens, labels = self._inputs(micro.to(self.device, non_blocking=True))
+            out = self.engine(tokens, labels=labels)
             self.engine.backward(self.guard.watch_loss(out.loss))
             if i == len(batch) - 1:
                 self._agree()
@@ -199,8 +205,8 @@ class DeepSpeedTrainModule(TrainModule):
     def eval_batch(self, batch: torch.Tensor) -> torch.Tensor:
         total = torch.zeros((), device=self.device)
         for micro in batch:
-            micro = micro.to(self.device)
-            total += self.engine(micro[:, :-1], labels=micro[:, 1:]).ce_loss.float()
+            tokens, labels = self._inputs(micro.to(self.device))
+            total += self.engine(tokens, labels=labels).ce_loss.float()
         return total / batch.shape[0]
 
     def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
@@ -239,11 +245,10 @@ class PipelineTrainModule(TrainModule):
         instructions[OptimizerStep] = agree_then_step
         self.engine._INSTRUCTION_MAP = instructions
 
-    @staticmethod
-    def _micro_batches(batch: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _micro_batches(self, batch: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         # DeepSpeed feeds the first element to the first stage and the second (labels) to the last.
         for micro in batch:
-            yield micro[:, :-1], micro[:, 1:]
+            yield self._inputs(micro)
 
     def _train_batch(self, batch: torch.Tensor) -> dict[str, torch.Tensor | None]:
         if batch.shape[0] != self.engine.micro_batches:

@@ -30,25 +30,28 @@ class ParallelGroups:
 
     layout: Layout
     tp_group: Any = None
-    dp_group: Any = None
+    dp_group: Any = None  # data x context parallel: the ranks holding the same parameters (gradients average here)
     pp_group: Any = None
+    cp_group: Any = None  # ranks holding the parts of the same sequences
     model_group: Any = None  # tp x pp: the ranks that hold one copy of the model between them
     ep_group: Any = None  # ranks exchanging tokens (same tp rank, consecutive dp ranks)
     edp_group: Any = None  # ranks holding the same experts; expert gradients reduce here
 
     # DeepSpeed mpu interface -------------------------------------------------------------------------
+    # DeepSpeed's "data parallel" is data x context parallel: both hold the same parameters and average gradients
+    # (and ZeRO partitions over both); only the data loader tells them apart (layout.dp, layout.cp).
     def get_data_parallel_world_size(self) -> int:
-        return self.layout.dp
+        return self.layout.dp_cp
 
     def get_data_parallel_rank(self) -> int:
-        return self.layout.dp_rank
+        return self.layout.dp_cp_rank
 
     def get_data_parallel_group(self) -> Any:
         return self.dp_group
 
     def get_data_parallel_group_ranks(self) -> list[int]:
         lay = self.layout
-        return [lay.global_rank(lay.pp_rank, d, lay.tp_rank) for d in range(lay.dp)]
+        return [lay.global_rank(lay.pp_rank, d, lay.tp_rank, c) for d in range(lay.dp) for c in range(lay.cp)]
 
     def get_tensor_model_parallel_world_size(self) -> int:
         return self.layout.tp
@@ -60,7 +63,7 @@ class ParallelGroups:
         return self.tp_group
 
     def get_tensor_model_parallel_src_rank(self) -> int:
-        return self.layout.global_rank(self.layout.pp_rank, self.layout.dp_rank, 0)
+        return self.layout.global_rank(self.layout.pp_rank, self.layout.dp_rank, 0, self.layout.cp_rank)
 
     # DeepSpeed's "model parallel" is every axis that splits the model: its gradient norm sums over it.
     def get_model_parallel_world_size(self) -> int:
@@ -89,7 +92,7 @@ def init_groups(layout: Layout, timeout: timedelta = timedelta(minutes=30)) -> P
     if dist.get_world_size() != layout.world or dist.get_rank() != layout.rank:
         raise RuntimeError(f"layout is for rank {layout.rank} of {layout.world}, this process is rank "
                            f"{dist.get_rank()} of {dist.get_world_size()}")
-    if layout.tp == layout.pp == layout.ep == 1:
+    if layout.tp == layout.pp == layout.ep == layout.cp == 1:
         world = dist.group.WORLD
         return ParallelGroups(layout, tp_group=None, dp_group=world, pp_group=None, model_group=None)
 
@@ -99,15 +102,16 @@ def init_groups(layout: Layout, timeout: timedelta = timedelta(minutes=30)) -> P
         mpu.destroy_model_parallel()
     mpu.initialize_model_parallel(
         tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
-        expert_model_parallel_size=layout.ep, expert_tensor_parallel_size=layout.tp,
+        context_parallel_size=layout.cp, expert_model_parallel_size=layout.ep, expert_tensor_parallel_size=layout.tp,
         distributed_timeout_minutes=max(1, math.ceil(timeout.total_seconds() / 60)), create_gloo_process_groups=False,
     )
     groups = ParallelGroups(
         layout,
         tp_group=mpu.get_tensor_model_parallel_group(),
-        dp_group=mpu.get_data_parallel_group(),
+        dp_group=mpu.get_data_parallel_group(with_context_parallel=True),
         pp_group=mpu.get_pipeline_model_parallel_group(),
         model_group=mpu.get_model_parallel_group(),
+        cp_group=mpu.get_context_parallel_group() if layout.cp > 1 else None,
     )
     _check_against_layout(groups, mpu)
     if layout.ep > 1:
@@ -120,10 +124,11 @@ def init_groups(layout: Layout, timeout: timedelta = timedelta(minutes=30)) -> P
 def _check_against_layout(groups: ParallelGroups, mpu: Any) -> None:
     """megatron-core's coordinates must be ours (the data loader, checkpoints and DeepSpeed rely on them)."""
     lay = groups.layout
-    got = (mpu.get_tensor_model_parallel_rank(), mpu.get_data_parallel_rank(), mpu.get_pipeline_model_parallel_rank())
-    if got != (lay.tp_rank, lay.dp_rank, lay.pp_rank):
-        raise RuntimeError(f"megatron-core placed rank {lay.rank} at (tp, dp, pp) = {got}, the layout says "
-                           f"{(lay.tp_rank, lay.dp_rank, lay.pp_rank)}")
+    got = (mpu.get_tensor_model_parallel_rank(), mpu.get_context_parallel_rank(), mpu.get_data_parallel_rank(),
+           mpu.get_pipeline_model_parallel_rank())
+    if got != (lay.tp_rank, lay.cp_rank, lay.dp_rank, lay.pp_rank):
+        raise RuntimeError(f"megatron-core placed rank {lay.rank} at (tp, cp, dp, pp) = {got}, the layout says "
+                           f"{(lay.tp_rank, lay.cp_rank, lay.dp_rank, lay.pp_rank)}")
     if lay.ep > 1 and mpu.get_expert_model_parallel_rank() != lay.ep_rank:
         raise RuntimeError(f"megatron-core's expert rank {mpu.get_expert_model_parallel_rank()} != {lay.ep_rank}")
 
@@ -150,10 +155,10 @@ def pipeline_grid(groups: ParallelGroups) -> Any:
     class SharedGroupsGrid(PipelineParallelGrid):
         def __init__(self, topology: Any = None, process_group: Any = None) -> None:
             self.global_rank, self.world_size = lay.rank, lay.world
-            self._topo = PipeModelDataParallelTopology(num_pp=lay.pp, num_mp=lay.tp, num_dp=lay.dp)
-            self.data_parallel_size, self.pipe_parallel_size = lay.dp, lay.pp
+            self._topo = PipeModelDataParallelTopology(num_pp=lay.pp, num_mp=lay.tp, num_dp=lay.dp_cp)
+            self.data_parallel_size, self.pipe_parallel_size = lay.dp_cp, lay.pp
             self.model_parallel_size = self.slice_parallel_size = lay.tp
-            self.stage_id, self.data_parallel_id = lay.pp_rank, lay.dp_rank
+            self.stage_id, self.data_parallel_id = lay.pp_rank, lay.dp_cp_rank
             # DeepSpeed's "model" group here is tp x pp (its gradient norm and overflow checks sum over it).
             self.ds_model_proc_group = groups.model_group
             self.ds_model_world_size = lay.tp * lay.pp

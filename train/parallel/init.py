@@ -130,6 +130,10 @@ def build_parallel_model(cfg: RunConfig, groups: ParallelGroups,
         # With pp > 1 every stage materialises every layer (at most one full parameter at a time still): DeepSpeed's
         # PipelineModule decides the stage partition only afterwards, from the whole model.
         materialize(model, cfg.model, cfg.train.seed, zero3_partitioner(ds_config, groups) if zero3 else None)
+    if layout.cp > 1:  # the mixers' classes change, not their parameters
+        from train.parallel.cp import apply_context_parallel
+
+        apply_context_parallel(model, groups.cp_group, layout.cp_rank, layout.cp)
     # The single-device constructor draws from the global generator (layers' default inits, overwritten), the meta
     # one does not: reseed so that every layout leaves it in the same state.
     torch.manual_seed(cfg.train.seed)

@@ -35,9 +35,9 @@ from train.parallel.groups import ParallelGroups, pipeline_grid
 
 
 # ---------------------------------------------------------------------------------------------- layers
-def _rope(cfg: ModelConfig, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _rope(cfg: ModelConfig, seq_len: int, device: torch.device, start: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     # Same tables as Transformer.rope_tables; recomputed per stage (a few thousand sin/cos).
-    return rope_cos_sin(cfg.resolved_head_dim, seq_len, cfg.rope_theta, device) if cfg.use_rope else None
+    return rope_cos_sin(cfg.resolved_head_dim, seq_len, cfg.rope_theta, device, start=start) if cfg.use_rope else None
 
 
 class EmbeddingStage(nn.Module):
@@ -63,18 +63,21 @@ class EmbeddingStage(nn.Module):
 class BlockStage(nn.Module):
     """(x, aux) -> (x', aux + this block's aux loss); activation checkpointing stays inside ``Block``.
 
-    ``seq_shards``: how many parts of the sequence ``x`` is (sequence parallelism hands each rank T/tp rows; the
-    RoPE tables cover the whole sequence)."""
+    ``seq_shards``: how many parts of this rank's positions ``x`` is (sequence parallelism hands each rank T/tp rows;
+    the RoPE tables cover all of them); ``cp_rank``: which part of the sequence they are under context parallelism
+    (the tables start at its first position)."""
 
-    def __init__(self, block: Block, cfg: ModelConfig, seq_shards: int = 1):
+    def __init__(self, block: Block, cfg: ModelConfig, seq_shards: int = 1, cp_rank: int = 0):
         super().__init__()
         self.block = block
         self.cfg = cfg
         self.seq_shards = seq_shards
+        self.cp_rank = cp_rank
 
     def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         x, aux = inputs
-        x, block_aux = self.block(x, _rope(self.cfg, x.shape[1] * self.seq_shards, x.device))
+        positions = x.shape[1] * self.seq_shards
+        x, block_aux = self.block(x, _rope(self.cfg, positions, x.device, self.cp_rank * positions))
         return x, aux + block_aux
 
 
@@ -209,7 +212,7 @@ def _pipeline_module_class() -> type:
     return TransformerPipe
 
 
-def layer_specs(model: Transformer, seq_shards: int = 1) -> list:
+def layer_specs(model: Transformer, seq_shards: int = 1, cp_rank: int = 0) -> list:
     """The pipeline layers over ``model``'s own modules (no copies: the stages keep the model's weights)."""
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
@@ -220,7 +223,7 @@ def layer_specs(model: Transformer, seq_shards: int = 1) -> list:
         ]
     else:
         specs = [LayerSpec(EmbeddingStage, model.embed)]
-    specs += [LayerSpec(BlockStage, block, cfg, seq_shards) for block in model.layers]
+    specs += [LayerSpec(BlockStage, block, cfg, seq_shards, cp_rank) for block in model.layers]
     if cfg.tie_embeddings:
         specs += [
             LayerSpec(NormStage, model.norm),
@@ -256,14 +259,14 @@ def build_pipeline_module(model: Transformer, groups: ParallelGroups, partition:
     for i in range(cfg.n_layers):
         if cfg.is_moe_layer(i):
             moe_ordinals[i] = len(moe_ordinals)
-    topology = PipeModelDataParallelTopology(num_pp=lay.pp, num_mp=lay.tp, num_dp=lay.dp)
+    topology = PipeModelDataParallelTopology(num_pp=lay.pp, num_mp=lay.tp, num_dp=lay.dp_cp)
     # PipelineModule builds its grid (and a second set of process groups) in its constructor and takes no grid
     # argument: swap in the grid class over our groups for the duration of that call.
     default_grid = ds_pipe_module.PipelineParallelGrid
     ds_pipe_module.PipelineParallelGrid = pipeline_grid(groups)
     try:
         pipe = _pipeline_module_class()(
-            model, layer_specs(model, seq_shards), moe_ordinals, topology=topology,
+            model, layer_specs(model, seq_shards, lay.cp_rank), moe_ordinals, topology=topology,
             partition_method=_partition_method(partition), activation_checkpoint_interval=0,
         )
     finally:

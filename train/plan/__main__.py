@@ -40,12 +40,12 @@ def compose(overrides: list[str]) -> dict[str, Any]:
 
 
 def _search_table(found: list[Prediction], top: int) -> str:
-    head = f"{'tp':>3} {'pp':>3} {'dp':>5} {'ep':>3} {'zero':>4} {'mb':>3} {'recompute':>9} {'GB/GPU':>7} " \
+    head = f"{'tp':>3} {'cp':>3} {'pp':>3} {'dp':>5} {'ep':>3} {'zero':>4} {'mb':>3} {'recompute':>9} {'GB/GPU':>7} " \
            f"{'step s':>8} {'tok/s/GPU':>10} {'MFU':>6}"
     rows = [head]
     for p in found[:top]:
         lay = p.layout
-        rows.append(f"{lay.tp:>3} {lay.pp:>3} {lay.dp:>5} {lay.ep:>3} {p.zero_stage:>4} {p.micro_batch:>3} "
+        rows.append(f"{lay.tp:>3} {lay.cp:>3} {lay.pp:>3} {lay.dp:>5} {lay.ep:>3} {p.zero_stage:>4} {p.micro_batch:>3} "
                     f"{p.recompute:>9} {p.memory_per_gpu_gb:>7.1f} {p.time.total:>8.3f} "
                     f"{p.tokens_per_s_per_gpu:>10,.0f} {100 * p.mfu:>5.1f}%")
     return "\n".join(rows)
@@ -120,7 +120,7 @@ def _budget(args: argparse.Namespace, model: ModelConfig, train: TrainConfig, cl
           f"{plan.flops:.3g} FLOPs at MFU {100 * plan.prediction.mfu:.1f}%")
     print(f"model: d_model {plan.model.d_model}, n_layers {plan.model.n_layers}, n_heads {plan.model.n_heads}, "
           f"{plan.n_params / 1e9:.4g}B parameters (compute-optimal for these FLOPs: {plan.n_opt / 1e9:.4g}B)")
-    print(f"tokens: {plan.tokens:.4g} | layout tp {lay.tp} pp {lay.pp} dp {lay.dp} ep {lay.ep} "
+    print(f"tokens: {plan.tokens:.4g} | layout tp {lay.tp} cp {lay.cp} pp {lay.pp} dp {lay.dp} ep {lay.ep} "
           f"ZeRO-{plan.prediction.zero_stage} micro-batch {plan.prediction.micro_batch} "
           f"recompute {plan.prediction.recompute} | {plan.prediction.tokens_per_s_per_gpu:,.0f} tokens/s per GPU")
     print(f"predicted loss: {plan.predicted_loss:.4f}{interval} | wall-clock {plan.wall_clock_s / 3600:.1f} h")

@@ -39,7 +39,7 @@ class Prediction:
     def as_json(self) -> dict[str, Any]:
         lay = self.layout
         return {
-            "layout": {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "ep": lay.ep, "zero_stage": self.zero_stage,
+            "layout": {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "ep": lay.ep, "cp": lay.cp, "zero_stage": self.zero_stage,
                        "sequence_parallel": self.sp},
             "micro_batch_size": self.micro_batch, "micro_batches": self.micro_batches,
             "activation_checkpointing": self.recompute,
@@ -62,14 +62,15 @@ def predict(model: ModelConfig, parallel: ParallelConfig, cluster: ClusterConfig
     # 1F1B: the first stage holds the activations of min(p, m) micro-batches at its peak.
     in_flight = min(layout.pp, micro_batches)
     per_stage = model.n_layers // layout.pp
-    act = activations(model, micro_batch, seq_len, precision, layout.tp, sp, range(per_stage))
+    local_seq = seq_len // layout.cp  # context parallelism: each rank holds a cp-th of every sequence
+    act = activations(model, micro_batch, local_seq, precision, layout.tp, sp, range(per_stage))
     memory_bytes = {
         "parameters": states.parameters, "gradients": states.gradients, "optimizer": states.optimizer + states.master,
         "activations": in_flight * act.saved + act.recomputed,
         "communication": states.buckets + max(states.transient, states.step),
     }
     for mode in ("none", "full", "selective"):
-        other = activations(replace(model, activation_checkpointing=mode), micro_batch, seq_len, precision,
+        other = activations(replace(model, activation_checkpointing=mode), micro_batch, local_seq, precision,
                             layout.tp, sp, range(per_stage))
         memory_bytes[f"activations_{mode}"] = in_flight * other.saved + other.recomputed
     total = states.held + max(states.transient, states.step) + memory_bytes["activations"]
@@ -93,7 +94,7 @@ def describe(model: ModelConfig, p: Prediction, cluster: ClusterConfig, seq_len:
         (f"model {model.name}: {counts['total'] / 1e9:.3g}B params ({counts['active'] / 1e9:.3g}B active) | "
         f"cluster {cluster.name}: {cluster.nodes} x {cluster.gpus_per_node} = {cluster.world_size} | "
         f"{cluster.precision}"),
-        (f"layout tp {lay.tp} pp {lay.pp} dp {lay.dp} ep {lay.ep} | ZeRO-{p.zero_stage} | sp {p.sp} | "
+        (f"layout tp {lay.tp} cp {lay.cp} pp {lay.pp} dp {lay.dp} ep {lay.ep} | ZeRO-{p.zero_stage} | sp {p.sp} | "
         f"micro-batch {p.micro_batch} x {p.micro_batches} | global batch {global_batch} x {seq_len} | "
         f"recompute {p.recompute}"),
         "",
@@ -122,19 +123,19 @@ def search(model: ModelConfig, train: TrainConfig, cluster: ClusterConfig) -> li
     divisors = [d for d in range(1, world + 1) if world % d == 0]
     experts = [d for d in range(1, max(1, model.num_experts) + 1) if max(1, model.num_experts) % d == 0]
     found = []
-    for tp, pp, ep, zero, mode in itertools.product(
-        [d for d in divisors if d <= cluster.gpus_per_node], divisors, experts, (0, 1, 2, 3),
+    for tp, cp, pp, ep, zero, mode in itertools.product(
+        [d for d in divisors if d <= cluster.gpus_per_node], divisors, divisors, experts, (0, 1, 2, 3),
         ("none", "selective", "full"),
     ):
-        if pp > model.n_layers or world % (tp * pp):
+        if pp > model.n_layers or world % (tp * cp * pp) or train.seq_len % (cp * tp):
             continue
-        dp = world // (tp * pp)
+        dp = world // (tp * cp * pp)
         for mb in (1, 2, 4, 8, 16, 32):
             if train.global_batch_size % (mb * dp):
                 continue
             try:
                 p = predict(replace(model, activation_checkpointing=mode),
-                            ParallelConfig(name="search", zero_stage=zero, tp=tp, pp=pp, ep=ep), cluster,
+                            ParallelConfig(name="search", zero_stage=zero, tp=tp, pp=pp, ep=ep, cp=cp), cluster,
                             seq_len=train.seq_len, micro_batch=mb, global_batch=train.global_batch_size)
             except ConfigError:
                 continue

@@ -17,6 +17,10 @@ the feed-forward, in forward and in backward (with sequence parallelism an all-g
 same bytes) and again in a recomputed forward; expert parallelism sends the routed tokens out and back
 (all-to-all) in forward and backward; a pipeline stage sends its output on and receives its gradient back.
 
+Context parallelism: each rank computes a cp-th of every sequence's positions; the attention all-to-alls move q, k,
+v and the output (Ulysses), and the Mamba scan runs rank after rank (each part starts from the previous one's
+state), so its time does not fall with cp.
+
 Pipeline: 1F1B over ``m`` micro-batches and ``p`` stages takes ``m + p - 1`` slots of one micro-batch's forward,
 backward and messages, so ``(p-1)/(m+p-1)`` of it is bubble (Narayanan et al. 2021).
 
@@ -49,6 +53,7 @@ class StepTime:
 
     compute: float  # forward, backward and recompute of all micro-batches
     tp_comm: float
+    cp_comm: float
     ep_comm: float
     pp_comm: float
     bubble: float
@@ -101,8 +106,10 @@ class _Costs:
 
 
 def _block_forward(cfg: ModelConfig, layer: int, tokens: int, seq_len: int, tp: int, sp: bool, ep: int,
-                   k: _Costs, attention_kernel: str = "flash") -> tuple[float, float, float]:
-    """(GEMM time, attention-kernel time, other time) of one block's forward on one rank."""
+                   k: _Costs, attention_kernel: str = "flash", cp: int = 1) -> tuple[float, float, float]:
+    """(GEMM time, attention-kernel time, other time) of one block's forward on one rank, ``tokens`` its positions
+    (under context parallelism a cp-th of each sequence: its attention covers all ``seq_len`` positions of a cp-th
+    of the heads, the same work)."""
     d, t = cfg.d_model, tokens
     gemm = attn = other = 0.0
     other += k.memory(ELEMENTWISE_PASSES * k.elem * t * d / (tp if sp else 1), kernels=6)
@@ -120,8 +127,9 @@ def _block_forward(cfg: ModelConfig, layer: int, tokens: int, seq_len: int, tp: 
         di = cfg.mamba_d_inner / tp
         gemm += k.gemm(t, 2 * di, d) + k.gemm(t, cfg.resolved_dt_rank + 2 * cfg.mamba_d_state, di)
         gemm += k.gemm(t, di, cfg.resolved_dt_rank) + k.gemm(t, d, di)
-        # The scan reads u, delta, z and B, C and writes y per channel; the conv reads d_conv inputs.
-        other += k.memory(k.elem * t * di * (6 + cfg.mamba_d_conv), kernels=4)
+        # The scan reads u, delta, z and B, C and writes y per channel; the conv reads d_conv inputs. Under context
+        # parallelism each rank's scan starts from the previous rank's final state: the cp parts run one after another.
+        other += cp * k.memory(k.elem * t * di * (6 + cfg.mamba_d_conv), kernels=4)
     if cfg.is_moe_layer(layer):
         gemm += k.gemm(t, cfg.num_experts, d)
         rows = t * cfg.top_k  # this rank's experts see top_k rows per token of its EP group, spread evenly
@@ -140,13 +148,13 @@ def step_time(cfg: ModelConfig, layout: Layout, cluster: ClusterConfig, *, zero_
               attention_kernel: str = "flash") -> StepTime:
     elem = PRECISION_BYTES[cluster.precision]
     k = _Costs(cluster, elem)
-    tp, pp, dp, ep = layout.tp, layout.pp, layout.dp, layout.ep
-    tokens = micro_batch * seq_len
+    tp, pp, dp, ep, cp = layout.tp, layout.pp, layout.dp, layout.ep, layout.cp
+    tokens = micro_batch * seq_len // cp
     micro_batches = global_batch // (micro_batch * dp)
     per_stage = cfg.n_layers / pp
     layers = range(cfg.n_layers)
 
-    parts = [_block_forward(cfg, i, tokens, seq_len, tp, sp, ep, k, attention_kernel) for i in layers]
+    parts = [_block_forward(cfg, i, tokens, seq_len, tp, sp, ep, k, attention_kernel, cp) for i in layers]
     gemm = sum(p[0] for p in parts) / pp
     attn = sum(p[1] for p in parts) / pp
     other = sum(p[2] for p in parts) / pp
@@ -162,27 +170,39 @@ def step_time(cfg: ModelConfig, layout: Layout, cluster: ClusterConfig, *, zero_
     tp_per_layer = (4 + (2 if mode == "full" else 0)) * all_reduce(act, tp, tp_bw, tp_lat)
     tp_comm = per_stage * tp_per_layer
 
+    # Context parallelism: four all-to-alls of q, k, v and the output per attention layer in forward, four in
+    # backward (and in a recomputed forward); the Mamba hand-offs are one small message each (latency).
+    cp_bw, cp_lat = _link(cluster, tp, cp)
+    attention_layers = sum(cfg.is_attention_layer(i) for i in layers) / pp
+    mamba_layers = per_stage - attention_layers
+    kv_heads = cfg.n_kv_heads if (cfg.n_kv_heads // max(1, tp)) % cp == 0 else cfg.n_heads
+    qkvo = elem * tokens * cfg.resolved_head_dim * (2 * cfg.n_heads + 2 * kv_heads) / tp
+    cp_per_micro = 0.0 if cp == 1 else (
+        attention_layers * (2 + (1 if mode == "full" else 0)) * all_gather(qkvo, cp, cp_bw, cp_lat)
+        + mamba_layers * 4 * cp_lat)
+
     ep_bw, ep_lat = _link(cluster, tp, ep)
     moe_layers = sum(cfg.is_moe_layer(i) for i in layers) / pp
     ep_comm = moe_layers * 4 * all_gather(elem * tokens * cfg.top_k * cfg.d_model, ep, ep_bw, ep_lat)
 
-    pp_bw, pp_lat = _link(cluster, tp * dp, pp)
+    pp_bw, pp_lat = _link(cluster, tp * cp * dp, pp)
     p2p = 0.0 if pp == 1 else 2 * (act / (tp if sp else 1) / pp_bw + pp_lat)
 
-    slot = forward + backward + recompute + tp_comm + ep_comm + p2p
+    slot = forward + backward + recompute + tp_comm + cp_per_micro + ep_comm + p2p
     pipeline = (micro_batches + pp - 1) * slot
 
-    # Gradients (and ZeRO's parameter traffic) over the data-parallel group; experts over their smaller group.
+    # Gradients (and ZeRO's parameter traffic) over the data x context parallel group; experts over their smaller
+    # group (expert and context parallelism do not combine).
     stepped = local_numels(cfg, layout)
     expert = sum(n for s, n in stepped if s.split == "expert")
     dense = sum(n for _, n in stepped) - expert
-    dp_bw, dp_lat = _link(cluster, tp, dp)
+    dp_bw, dp_lat = _link(cluster, tp, dp * cp)
     edp = dp // ep
     edp_bw, edp_lat = _link(cluster, tp * ep, edp)
-    dp_comm = all_reduce(elem * dense, dp, dp_bw, dp_lat) + all_reduce(elem * expert, edp, edp_bw, edp_lat)
+    dp_comm = all_reduce(elem * dense, dp * cp, dp_bw, dp_lat) + all_reduce(elem * expert, edp, edp_bw, edp_lat)
     gathers = 0.0
     if zero_stage == 3:  # every micro-batch gathers the parameters for forward and again for backward
-        gathers = 2 * micro_batches * (all_gather(elem * dense, dp, dp_bw, dp_lat)
+        gathers = 2 * micro_batches * (all_gather(elem * dense, dp * cp, dp_bw, dp_lat)
                                        + all_gather(elem * expert, edp, edp_bw, edp_lat))
     dp_total = dp_comm + gathers
     # DeepSpeed's pipeline engine reduces gradients after the last backward of the schedule (ReduceGrads).
@@ -193,12 +213,12 @@ def step_time(cfg: ModelConfig, layout: Layout, cluster: ClusterConfig, *, zero_
         hidden = max(hidden, micro_batches * forward)
     dp_exposed = max(0.0, dp_total - hidden)
 
-    shard = dp if zero_stage >= 1 else 1
+    shard = dp * cp if zero_stage >= 1 else 1
     optimizer = k.memory(ADAMW_BYTES_PER_ELEMENT * (dense / shard + expert / (edp if zero_stage >= 1 else 1)),
                          kernels=12)
     total = pipeline + dp_exposed + optimizer
     return StepTime(
         compute=micro_batches * (forward + backward + recompute), tp_comm=micro_batches * tp_comm,
-        ep_comm=micro_batches * ep_comm, pp_comm=micro_batches * p2p, bubble=(pp - 1) * slot, dp_comm=dp_total,
+        cp_comm=micro_batches * cp_per_micro, ep_comm=micro_batches * ep_comm, pp_comm=micro_batches * p2p, bubble=(pp - 1) * slot, dp_comm=dp_total,
         dp_exposed=dp_exposed, optimizer=optimizer, total=total,
     )
