@@ -13,6 +13,14 @@ micro-batches) it times two things:
 * ``iter``: the trainer's path, ``iter(loader)`` with the config's DataLoader worker processes (or --workers),
   in wall time as the training process receives the batches.
 
+With ``--remote`` it also times ``iter`` reading the first source from loopback servers (tests/servers.py: nginx
+and moto's S3 server) through a fresh node cache, prefetching ``data.prefetch_steps`` steps ahead: "shard" caching
+(the source fits the cache: each shard downloaded once) and "member" reads (a cache of a quarter of the source;
+the source re-written with members of seq_len / 2 tokens, as docs/data.md recommends for corpora larger than the
+cache), with the bytes nginx sent per byte of tokens consumed. Reading starts cold: the first step's wait is in.
+
+    .venv/bin/python bench/bench_data.py --data sample --shapes 8x1024 --remote
+
 Tokens count seq_len per sequence (the positions trained on). Each figure is the median of --repeats interleaved
 rounds. The last column is the ratio to what dense_1b (conf/model/dense_1b.yaml, seq 4096) trains on per second on
 one H100 at 40% MFU, from `model.flops.flops_per_token` and the dense bf16 peak of 989e12 FLOP/s. Shards this
@@ -42,6 +50,7 @@ from model.flops import flops_per_token
 H100_PEAK_BF16 = 989e12
 TARGET_MFU = 0.4
 TARGET_TOKENS_PER_S = 1.5e6  # per loader process
+TARGET_REMOTE_TOKENS_PER_S = 0.5e6  # per loader process, from a loopback server with prefetch
 
 
 def dense_1b_tokens_per_s(mfu: float = TARGET_MFU, peak: float = H100_PEAK_BF16, seq_len: int = 4096) -> float:
@@ -90,6 +99,67 @@ def time_iter(loader: GlobalBatchLoader, seconds: float) -> float:
     return tokens / elapsed
 
 
+def time_cold_iter(loader: GlobalBatchLoader, steps: int) -> float:
+    """Tokens/s the training process receives over the first ``steps`` batches of ``iter(loader)``, from a cold
+    cache (worker start-up and the first fetches included)."""
+    tokens, start = 0, time.perf_counter()
+    batches = iter(loader)
+    for _, batch in zip(range(steps), batches, strict=False):
+        tokens += batch[..., 1:].numel()
+    elapsed = time.perf_counter() - start
+    batches.close()
+    return tokens / elapsed
+
+
+def remote_rows(cfg: DataConfig, shapes: list[tuple[int, int]], accum: int, steps: int) -> list[dict]:
+    """iter tokens/s from nginx and moto on loopback, shard caching and member reads (see the module doc)."""
+    import dataclasses
+    import os
+    import tempfile
+
+    from data.prepare import write_token_shards
+    from data.source import TokenSource
+    from tests.servers import MotoS3, Nginx
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-remote") as tmp:
+        tmp = Path(tmp)
+        src = TokenSource(cfg.sources[0].path, "train")
+        tokens = src.read(0, src.num_tokens)
+        nginx = Nginx(Path(cfg.sources[0].path).parent, tmp / "nginx")
+        moto = MotoS3(tmp / "moto")
+        os.environ.update(moto.env)
+        try:
+            for micro_batch, seq_len in shapes:
+                name = f"members{seq_len // 2}"
+                write_token_shards(tmp / "www" / name, {"train": [tokens]}, vocab_size=src.vocab_size,
+                                   member_tokens=seq_len // 2, shard_tokens=1 << 20)
+                small = Nginx(tmp / "www", tmp / f"nginx-{name}")
+                urls = {"http": (f"{nginx.url}/{Path(cfg.sources[0].path).name}", f"{small.url}/{name}"),
+                        "s3": (moto.upload(Path(cfg.sources[0].path), "bench", "set"),
+                               moto.upload(tmp / "www" / name, "bench", name))}
+                payload = len(tokens) * src.dtype.itemsize
+                for kind, (whole, members) in urls.items():
+                    for mode, url, cache_gb in (("shard", whole, 50.0), ("member", members, payload / 4 / 2**30)):
+                        fetch = dataclasses.replace(cfg.fetch, cache_dir=str(tmp / f"cache-{kind}-{mode}-{seq_len}"),
+                                                    cache_max_gb=cache_gb)
+                        one = dataclasses.replace(cfg, sources=[dataclasses.replace(cfg.sources[0], path=url)],
+                                                  fetch=fetch)
+                        server = small if mode == "member" else nginx
+                        sent = server.bytes_sent()
+                        rate = time_cold_iter(make_loader(one, micro_batch, seq_len, accum), steps)
+                        consumed = steps * micro_batch * accum * (seq_len + 1) * src.dtype.itemsize
+                        rows.append({"server": kind, "mode": mode, "micro_batch": micro_batch, "seq_len": seq_len,
+                                     "iter_tokens_per_s": rate,
+                                     "fetched_per_consumed": (server.bytes_sent() - sent) / consumed
+                                     if kind == "http" else None})
+                small.stop()
+        finally:
+            nginx.stop()
+            moto.stop()
+    return rows
+
+
 def profile_batches(loader: GlobalBatchLoader, steps: int, top: int) -> None:
     profiler = cProfile.Profile()
     profiler.enable()
@@ -113,6 +183,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--seconds", type=float, default=0.5, help="per shape, per repeat, per path")
     p.add_argument("--profile", action="store_true", help="cProfile batch() of the first shape")
+    p.add_argument("--remote", action="store_true", help="also time iter() from nginx and S3 (moto) on loopback")
+    p.add_argument("--remote-steps", type=int, default=200, help="steps per --remote figure, from a cold cache")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -156,6 +228,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
         )
     if args.profile:
         profile_batches(loaders[shapes[0]], steps=200, top=15)
+    if args.remote:
+        print(f"\nremote: {cfg.sources[0].path} from loopback servers, {args.remote_steps} steps from a cold cache, "
+              f"prefetch {cfg.fetch.prefetch_steps} steps, {cfg.fetch.fetch_threads} fetch threads; goal "
+              f"{TARGET_REMOTE_TOKENS_PER_S:,.0f} tokens/s per loader process")
+        print("| server | cache | micro-batch x seq | iter tokens/s (wall) | bytes fetched / bytes consumed |")
+        print("|---|---|---|---|---|")
+        for row in remote_rows(cfg, shapes, args.accum, args.remote_steps):
+            ratio = "-" if row["fetched_per_consumed"] is None else f"{row['fetched_per_consumed']:.2f}"
+            print(f"| {row['server']} | {row['mode']} | {row['micro_batch']} x {row['seq_len']} "
+                  f"| {row['iter_tokens_per_s']:,.0f} | {ratio} |")
+            rows.append(row)
     return rows
 
 

@@ -35,7 +35,8 @@ from urllib.parse import urlsplit
 
 URL_SCHEMES = ("https", "http", "s3", "file")
 _LOCKS = 256  # lock files shared by hash of the entry key: no lock file per entry left behind
-_RESCAN_FRACTION = 50  # rescan the cache directory after 1/50 of its budget was added by this process
+_RESCAN_FRACTION = 10  # rescan the cache directory after 1/10 of its budget was added by this process
+_EVICT_FRACTION = 10  # an eviction frees 1/10 of the budget beyond what is needed
 
 
 class DataReadError(RuntimeError):
@@ -201,6 +202,13 @@ class Remote:
         self.bytes_fetched += len(data)
         return data
 
+    def cat_ranges(self, ranges: list[tuple[str, int, int]]) -> list[bytes | Exception]:
+        """One try of many ranged reads, run concurrently by fsspec; a failed range is its exception."""
+        got = self.fs().cat_ranges([self.full(rel) for rel, _, _ in ranges], [a for _, a, _ in ranges],
+                                   [b for _, _, b in ranges], on_error="return")
+        self.bytes_fetched += sum(len(g) for g in got if isinstance(g, bytes))
+        return got
+
     def get(self, rel: str, dest: Path) -> None:
         self._retry(rel, lambda fs, url: fs.get_file(url, str(dest)))
         self.bytes_fetched += dest.stat().st_size
@@ -268,7 +276,7 @@ class ShardCache:
 
     def _make_room(self, incoming: int) -> None:
         """Reserve ``incoming`` bytes, deleting least recently used entries until they fit in the budget. Scans the
-        directory only every 1/50 of the budget this process adds (or when its running total says it is full):
+        directory only every 1/10 of the budget this process adds (or when its running total says it is full):
         the bound holds exactly for one process, to within that slack per other process sharing the cache."""
         with self._mutex:
             self._inflight += incoming
@@ -291,8 +299,10 @@ class ShardCache:
                         st = os.stat(os.path.join(dirpath, name))
                         entries.append((st.st_mtime_ns, st.st_size, os.path.join(dirpath, name)))
             total = sum(size for _, size, _ in entries) + self._inflight  # in flight: incoming included
+            # Evicting, go down to 90% of the budget: a full cache must not rescan the directory on every insert.
+            target = self.max_bytes if total <= self.max_bytes else self.max_bytes - self.max_bytes // _EVICT_FRACTION
             for _, size, name in sorted(entries):
-                if total <= self.max_bytes:
+                if total <= target:
                     break
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(name)

@@ -28,6 +28,7 @@ altered inside a local member's payload go unnoticed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -49,6 +50,7 @@ ON_ERROR_CHOICES = ("raise", "skip")
 _PROBES = 16  # hashed replacement attempts before the scan; each hits a bad shard with its share of bad samples
 _U64 = (1 << 64) - 1
 _MEMBERS_IN_MEMORY = 256  # member payloads a process keeps decoded (member mode)
+_MEMBERS_PER_FETCH = 16  # ranged reads per concurrent batch (member mode)
 
 
 class _Refused(Exception):
@@ -183,27 +185,55 @@ class TokenSource:
         key = f"shards/{sha}" if sha else f"v1/{self.index_sha256[:16]}/{self._shard_rel[shard_id]}"
         return self.cache.get(key, size, produce)
 
-    def _fetch_member(self, m: int) -> Path:
-        """The member's payload in the node cache, fetched by a ranged read and checked if no process has it:
-        size and sha256 (format version 2), or the member's tar header (version 1, read with it)."""
-        offset, nbytes, sha, shard_id = int(self._member_offset[m]), self._member_nbytes(m), self._member_sha[m], \
-            int(self._member_shard[m])
+    def _member_range(self, m: int) -> tuple[str, int, int]:
+        """(shard path, first byte, end byte) of member ``m``'s ranged read: its payload, and for version 1 sets
+        (no digests) its tar header too."""
+        offset = int(self._member_offset[m]) - (0 if self._member_sha[m] else 512)
+        return self._shard_rel[int(self._member_shard[m])], offset, int(self._member_offset[m]) + self._member_nbytes(m)
+
+    def _member_key(self, m: int) -> str:
+        sha = self._member_sha[m]
+        return f"members/{sha}" if sha else (f"v1/{self.index_sha256[:16]}/{self._shard_rel[int(self._member_shard[m])]}"
+                                             f"@{int(self._member_offset[m])}")
+
+    def _store_member(self, m: int, data: bytes | None) -> Path:
+        """The member's payload in the node cache: ``data`` (fetched with others) or a ranged read of its own,
+        checked (size, sha256 of version 2 or the tar header of version 1) unless a process cached it already."""
+        nbytes, sha, header = self._member_nbytes(m), self._member_sha[m], 0 if self._member_sha[m] else 512
 
         def produce(tmp: Path) -> None:
-            header = 0 if sha else 512
-            data = self.remote.cat(self._shard_rel[shard_id], offset - header, offset + nbytes)
-            if len(data) != header + nbytes:
-                raise _Refused("corrupt or truncated", f"{len(data) - header} bytes fetched for member "
+            got = self.remote.cat(*self._member_range(m)) if data is None else data
+            if len(got) != header + nbytes:
+                raise _Refused("corrupt or truncated", f"{len(got) - header} bytes fetched for member "
                                                        f"{self._member_names[m]}, index expects {nbytes}")
-            if sha and (digest := hashlib.sha256(data).hexdigest()) != sha:
+            if sha and (digest := hashlib.sha256(got).hexdigest()) != sha:
                 raise _Refused("corrupt", f"member {self._member_names[m]} has sha256 {digest[:12]}..., index expects "
                                           f"{sha[:12]}...")
             if header:
-                self._check_header(m, data[:512])
-            tmp.write_bytes(data[header:])
+                self._check_header(m, got[:512])
+            tmp.write_bytes(got[header:])
 
-        key = f"members/{sha}" if sha else f"v1/{self.index_sha256[:16]}/{self._shard_rel[shard_id]}@{offset}"
-        return self.cache.get(key, nbytes, produce)
+        return self.cache.get(self._member_key(m), nbytes, produce)
+
+    def _fetch_member(self, m: int) -> Path:
+        return self._store_member(m, None)
+
+    def _fetch_members(self, members: list[int], futures: list[Future]) -> None:
+        """Fetch ``members`` with one concurrent batch of ranged reads (fsspec's cat_ranges: a request per member
+        costs a thread hand-off otherwise), then check and cache each; a failed one is fetched again on its own
+        (with the retries). Two processes needing the same member at the same moment may both fetch it."""
+        todo = [i for i, m in enumerate(members) if not (self.cache.root / self._member_key(m)).is_file()]
+        data: list[Any] = [None] * len(members)
+        if todo:
+            with contextlib.suppress(Exception):  # each member is fetched again on its own below
+                got = self.remote.cat_ranges([self._member_range(members[i]) for i in todo])
+                for i, chunk in zip(todo, got, strict=True):
+                    data[i] = chunk if isinstance(chunk, bytes) else None
+        for m, chunk, future in zip(members, data, futures, strict=True):
+            try:
+                future.set_result(self._store_member(m, chunk))
+            except BaseException as exc:  # noqa: BLE001  (handed to whoever waits for this member)
+                future.set_exception(exc)
 
     def _fetched(self, item: int, fetch: Any) -> Path:
         """``fetch(item)``'s result: the prefetch's if one was started in this process, else fetched now."""
@@ -232,12 +262,16 @@ class TokenSource:
         members = self._window_members(starts, length)
         if self.mode == "shard":
             todo = {int(self._member_shard[m]) for m in members} - set(self._maps) - set(self.bad_shards)
-            fetch = self._fetch_shard
-        else:
-            todo = {m for m in members if m not in self._members and int(self._member_shard[m]) not in self.bad_shards}
-            fetch = self._fetch_member
-        for item in sorted(todo - set(self._pending)):
-            self._pending[item] = self._pool.submit(fetch, item)
+            for shard_id in sorted(todo - set(self._pending)):
+                self._pending[shard_id] = self._pool.submit(self._fetch_shard, shard_id)
+            return
+        todo = sorted({m for m in members if m not in self._members and int(self._member_shard[m]) not in
+                       self.bad_shards} - set(self._pending))
+        for chunk in range(0, len(todo), _MEMBERS_PER_FETCH):
+            batch = todo[chunk : chunk + _MEMBERS_PER_FETCH]
+            futures = [Future() for _ in batch]
+            self._pending.update(zip(batch, futures, strict=True))
+            self._pool.submit(self._fetch_members, batch, futures)
 
     def _window_members(self, starts: np.ndarray, length: int) -> list[int]:
         starts = np.asarray(starts, dtype=np.int64)
