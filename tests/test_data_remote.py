@@ -56,7 +56,7 @@ def served(tmp_path_factory, sample_data):
 
 
 def _overrides(path: str, run_dir: Path, cache: Path) -> list[str]:
-    return [*TINY, f"data.sources=[{{path:'{path}'}}]", f"+data.cache_dir={cache}", f"run_dir={run_dir}"]
+    return [*TINY, f"data.sources=[{{path:'{path}'}}]", f"data.cache_dir={cache}", f"run_dir={run_dir}"]
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def test_s3_run_matches_local_and_keeps_the_secret(served, local_losses, monkeyp
 def test_a_shard_answering_500_mid_run_ends_it_in_one_line(served):
     run_dir = served["root"] / "fail"
     overrides = [*_overrides(served["fail"], run_dir, served["root"] / "cache-fail"), "data.shuffle=false",
-                 "+data.fetch_retries=2", "+data.fetch_backoff_s=0.05", "+data.prefetch_steps=1", "train.steps=12"]
+                 "data.fetch_retries=2", "data.fetch_backoff_s=0.05", "data.prefetch_steps=1", "train.steps=12"]
     proc = run_train(overrides, nproc=2, check=False, timeout=240)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
