@@ -116,3 +116,17 @@ def test_a_shard_answering_500_mid_run_ends_it_in_one_line(served):
     assert min(train_losses(run_dir)) == 1  # it failed mid-run, after training began
     requests = [ln for ln in served["nginx"].access_log.read_text().splitlines() if FAIL_SHARD in ln]
     assert len(requests) >= 3 and all(ln.startswith("500 ") for ln in requests)
+
+
+def test_s3_errors_name_the_url_and_the_cause(served, monkeypatch):
+    from data.source import TokenSource
+    from data.stream import FetchSettings
+    from tests.servers import in_child
+
+    for key, value in served["moto"].env.items():
+        monkeypatch.setenv(key, value)
+    fetch = FetchSettings(fetch_retries=1, fetch_backoff_s=0.01)
+    missing = in_child(lambda: TokenSource(f"{served['s3']}-missing", "train", fetch=fetch).num_tokens)
+    assert f"cannot fetch {served['s3']}-missing/index.json (no such key (404), 2 attempts)" in missing["error"]
+    found = in_child(lambda: TokenSource(served["s3"], "train", fetch=fetch).num_tokens)
+    assert found["ok"] == json.loads((served["local"] / "index.json").read_text())["splits"]["train"]["tokens"]
