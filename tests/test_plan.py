@@ -220,3 +220,104 @@ def test_context_parallelism_divides_activations_and_pays_all_to_alls() -> None:
     assert eight.memory["optimizer"] == pytest.approx(one.memory["optimizer"], rel=1e-6)
     found = search(long, replace(TrainConfig(), seq_len=32768, global_batch_size=8, micro_batch_size=1), _h100())
     assert any(p.layout.cp > 1 for p in found)
+
+
+# ----------------------------------------------------------------------------------------- host-side counting
+def _model(name: str, **overrides: object) -> ModelConfig:
+    import yaml
+
+    from model.config import config_from_dict
+
+    raw = yaml.safe_load((REPO / "conf" / "model" / f"{name}.yaml").read_text())
+    return config_from_dict(ModelConfig, raw | overrides, "model")
+
+
+DENSE_TINY = _model("dense_tiny")
+
+
+def _dispatched_ops(cfg: ModelConfig, micro_batch: int, seq_len: int) -> int:
+    """Operators the live model dispatches in one forward + backward (CPU autograd runs backward on this thread,
+    so the dispatch mode sees it)."""
+    import torch
+
+    from model.transformer import Transformer
+    from train.plan.calibrate_host import _Count
+
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (micro_batch, seq_len + 1))
+    with _Count() as counter:
+        model(tokens[:, :-1], labels=tokens[:, 1:]).loss.backward()
+    return counter.ops
+
+
+@pytest.mark.parametrize(("name", "mode"), [("dense_tiny", "none"), ("dense_tiny", "full"),
+                                            ("dense_tiny", "selective"), ("moe_tiny", "none"),
+                                            ("hybrid_tiny", "none")])
+def test_operator_counts_match_the_live_model(name: str, mode: str) -> None:
+    """The planner's per-block operator counts (train/plan/host.py) are what the model code dispatches, for every
+    family, recompute mode, a second sequence length (Mamba's scan grows by chunks) and micro-batch (the loss by
+    chunks)."""
+    from train.plan import host
+
+    cfg = _model(name, activation_checkpointing=mode)
+    for micro_batch, seq_len in ((1, 128), (4, 384)):
+        planned = sum(sum(host.block_ops(cfg, i, seq_len, micro_batch)) for i in range(cfg.n_layers))
+        planned += sum(host.outside_ops(cfg, micro_batch * seq_len))
+        assert planned == pytest.approx(_dispatched_ops(cfg, micro_batch, seq_len), rel=0.05)
+
+
+def _cpu(**costs: float) -> ClusterConfig:
+    """Two ranks whose only cost besides arithmetic is the one named: free links, no overlap."""
+    return load_cluster(["cluster=cpu_local", "cluster.gpus_per_node=2", "cluster.intra_node_latency_s=0",
+                         "cluster.intra_node_bandwidth=1.0e+30", "cluster.op_overhead_s=0",
+                         "cluster.collective_overhead_s=0", "cluster.zero_param_s=0", "cluster.zero3_param_s=0",
+                         *[f"cluster.{k}={v}" for k, v in costs.items()]])
+
+
+def _tiny_step(cluster: ClusterConfig, parallel: ParallelConfig, model: ModelConfig = DENSE_TINY, mb: int = 2):
+    return predict(model, parallel, cluster, seq_len=64, micro_batch=mb, global_batch=16).time
+
+
+def test_zero_charges_deepspeed_per_parameter_and_micro_batch() -> None:
+    """ZeRO 1-2 pay their gradient hook on every parameter in every micro-batch, ZeRO-0 none; ZeRO-3 pays its fetch
+    for every parameter above the persistence threshold (the norms stay gathered)."""
+    from train.memory import param_specs, zero_buckets
+
+    specs = param_specs(DENSE_TINY)
+    gathered = sum(s.numel > zero_buckets(DENSE_TINY).persistence_threshold for s in specs)
+    assert 0 < gathered < len(specs)
+    micro_batches = 16 // (2 * 2)
+    for stage in (0, 1, 2, 3):
+        base = _tiny_step(_cpu(), ParallelConfig(zero_stage=stage))
+        hooked = _tiny_step(_cpu(zero_param_s=1e-3, zero3_param_s=1e-2), ParallelConfig(zero_stage=stage))
+        expected = {0: 0.0, 1: len(specs) * 1e-3, 2: len(specs) * 1e-3, 3: gathered * 1e-2}[stage]
+        assert hooked.total - base.total == pytest.approx(micro_batches * expected)
+        assert hooked.host == pytest.approx(micro_batches * expected)
+
+
+def test_tensor_parallel_charges_its_collectives_per_block() -> None:
+    """Each TP block issues 4 collectives per micro-batch without sequence parallelism (2 all-reduces forward,
+    2 backward) and 12 with it (2 all-gathers and 2 reduce-scatters forward, their transposes and 2 re-gathers
+    backward, 2 norm-gradient all-reduces); full recompute repeats the forward's."""
+    deep = replace(DENSE_TINY, n_layers=2 * DENSE_TINY.n_layers)
+    micro_batches = 16 // 2
+    for sp, per_block in ((False, 4), (True, 12)):
+        for mode, extra in (("none", 0), ("full", 2 if not sp else 4)):
+            par = ParallelConfig(zero_stage=0, tp=2, sequence_parallel=sp)
+            shallow_t = _tiny_step(_cpu(collective_overhead_s=1e-3), par, replace(DENSE_TINY, activation_checkpointing=mode))
+            deep_t = _tiny_step(_cpu(collective_overhead_s=1e-3), par, replace(deep, activation_checkpointing=mode))
+            added = (deep_t.tp_comm - shallow_t.tp_comm) / micro_batches / DENSE_TINY.n_layers
+            assert added == pytest.approx((per_block + extra) * 1e-3)
+
+
+def test_without_overlap_every_reduction_is_exposed_and_zero2_reduces_every_micro_batch() -> None:
+    cluster = load_cluster(["cluster=cpu_local", "cluster.gpus_per_node=2"])
+    assert not cluster.overlap_comm
+    one = _tiny_step(cluster, ParallelConfig(zero_stage=2), mb=8)
+    four = _tiny_step(cluster, ParallelConfig(zero_stage=2), mb=2)
+    assert one.dp_exposed == one.dp_comm and four.dp_exposed == four.dp_comm
+    # four micro-batches: four reduce-scatters and one gather instead of one of each
+    assert four.dp_comm == pytest.approx(one.dp_comm * 5 / 2, rel=0.01)
+    overlapped = _tiny_step(replace(cluster, overlap_comm=True), ParallelConfig(zero_stage=2), mb=2)
+    assert overlapped.dp_exposed < overlapped.dp_comm

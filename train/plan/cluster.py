@@ -30,6 +30,13 @@ class ClusterConfig:
     inter_node_bandwidth: float = 50e9
     inter_node_latency_s: float = 10e-6
     kernel_overhead_s: float = 5e-6
+    # Host-side costs (`train.plan.host`). On GPUs the host runs ahead of the asynchronous kernels and these hide
+    # behind them (0); on a CPU they run on the compute thread and `python -m train.plan calibrate` measures them.
+    op_overhead_s: float = 0.0  # per operator dispatched under autograd (Python, dispatcher, autograd node)
+    collective_overhead_s: float = 0.0  # per collective call from Python, on top of the ring's latency
+    zero_param_s: float = 0.0  # DeepSpeed ZeRO 1-2: per parameter and micro-batch (its gradient hook)
+    zero3_param_s: float = 0.0  # ZeRO-3: per gathered parameter and micro-batch (fetch, release, hook)
+    overlap_comm: bool = True  # communication runs beside compute (GPU streams); not when one thread does both
     precision: Literal["bf16", "fp32"] = "bf16"
 
     @classmethod
@@ -55,6 +62,10 @@ class ClusterConfig:
                     "inter_node_bandwidth"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"cluster.{key}", f"must be positive, got {getattr(self, key)}")
+        for key in ("kernel_overhead_s", "op_overhead_s", "collective_overhead_s", "zero_param_s", "zero3_param_s",
+                    "intra_node_latency_s", "inter_node_latency_s"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"cluster.{key}", f"must be >= 0, got {getattr(self, key)}")
         for key in ("matmul_efficiency", "attention_efficiency"):
             if not 0 < getattr(self, key) <= 1:
                 raise ConfigError(f"cluster.{key}", f"must be in (0, 1], got {getattr(self, key)}")

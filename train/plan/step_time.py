@@ -33,11 +33,13 @@ where gathers and reduce-scatters share the links. The optimizer step streams th
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from model.config import ModelConfig
-from train.memory import PRECISION_BYTES, local_numels
+from train.memory import PRECISION_BYTES, local_numels, zero_buckets
 from train.parallel.dims import Layout
+from train.plan import host
 from train.plan.cluster import ClusterConfig
 
 ADAMW_BYTES_PER_ELEMENT = 30  # fp32 weight, gradient, two moments read; weight and moments written; bf16 copy
@@ -52,6 +54,7 @@ class StepTime:
     """Seconds of one step on the slowest rank; ``total`` is the critical path."""
 
     compute: float  # forward, backward and recompute of all micro-batches
+    host: float  # of ``compute``, the host's operator dispatch and DeepSpeed's per-parameter work
     tp_comm: float
     cp_comm: float
     ep_comm: float
@@ -143,6 +146,12 @@ def _block_forward(cfg: ModelConfig, layer: int, tokens: int, seq_len: int, tp: 
     return gemm, attn, other
 
 
+def _collective(kind: str, nbytes: float, n: int, bw: float, lat: float, overhead: float) -> float:
+    if n <= 1:
+        return 0.0
+    return overhead + (all_reduce if kind == "all_reduce" else all_gather)(nbytes, n, bw, lat)
+
+
 def step_time(cfg: ModelConfig, layout: Layout, cluster: ClusterConfig, *, zero_stage: int, micro_batch: int,
               seq_len: int, global_batch: int, sp: bool, overlap_grad_reduce: bool = True,
               attention_kernel: str = "flash") -> StepTime:
@@ -153,6 +162,7 @@ def step_time(cfg: ModelConfig, layout: Layout, cluster: ClusterConfig, *, zero_
     micro_batches = global_batch // (micro_batch * dp)
     per_stage = cfg.n_layers / pp
     layers = range(cfg.n_layers)
+    call = cluster.collective_overhead_s
 
     parts = [_block_forward(cfg, i, tokens, seq_len, tp, sp, ep, k, attention_kernel, cp) for i in layers]
     gemm = sum(p[0] for p in parts) / pp
@@ -165,10 +175,32 @@ def step_time(cfg: ModelConfig, layout: Layout, cluster: ClusterConfig, *, zero_
     mode = cfg.checkpointing_mode
     recompute = {"none": 0.0, "full": forward - head, "selective": attn + other}[mode]
 
+    # Host: every operator the stage dispatches (recomputation counted in backward), serial with the kernels where
+    # the host is the device; DeepSpeed's per-parameter work in every micro-batch.
+    ops = [host.block_ops(cfg, i, seq_len // cp, micro_batch, tp) for i in layers]
+    out_fwd, out_bwd = host.outside_ops(cfg, tokens)
+    stepped = local_numels(cfg, layout)
+    n_params = len(stepped) / pp
+    host_fwd = cluster.op_overhead_s * (sum(o[0] for o in ops) / pp + out_fwd)
+    host_bwd = cluster.op_overhead_s * (sum(o[1] for o in ops) / pp + out_bwd + host.GUARD_OPS_PER_PARAM * n_params)
+    if zero_stage == 3:  # parameters up to the persistence threshold stay gathered (norms)
+        threshold = zero_buckets(cfg).persistence_threshold
+        zero_host = cluster.zero3_param_s * sum(n > threshold for _, n in stepped) / pp
+    else:
+        zero_host = cluster.zero_param_s * n_params if zero_stage in (1, 2) else 0.0
+    forward += host_fwd
+    backward += host_bwd + zero_host
+
+    # Tensor parallelism: the collectives train/parallel/tp.py issues per block and outside the blocks.
     tp_bw, tp_lat = _link(cluster, 1, tp)
     act = elem * tokens * cfg.d_model
-    tp_per_layer = (4 + (2 if mode == "full" else 0)) * all_reduce(act, tp, tp_bw, tp_lat)
-    tp_comm = per_stage * tp_per_layer
+    sizes = {"act": act, "small": elem * cfg.d_model, "tokens": 4.0 * tokens}
+    if cfg.family == "hybrid":
+        sizes["mamba"] = elem * tokens * (cfg.resolved_dt_rank + 2 * cfg.mamba_d_state)
+    tp_blocks = sum(_collective(kind, sizes[size], tp, tp_bw, tp_lat, call)
+                    for i in layers for kind, size in host.tp_calls(cfg, i, sp, mode == "full"))
+    tp_comm = tp_blocks / pp + sum(_collective(kind, sizes[size], tp, tp_bw, tp_lat, call)
+                                   for kind, size in host.tp_outside_calls(sp))
 
     # Context parallelism: four all-to-alls of q, k, v and the output per attention layer in forward, four in
     # backward (and in a recomputed forward); the Mamba hand-offs are one small message each (latency).
@@ -177,48 +209,66 @@ def step_time(cfg: ModelConfig, layout: Layout, cluster: ClusterConfig, *, zero_
     mamba_layers = per_stage - attention_layers
     kv_heads = cfg.n_kv_heads if (cfg.n_kv_heads // max(1, tp)) % cp == 0 else cfg.n_heads
     qkvo = elem * tokens * cfg.resolved_head_dim * (2 * cfg.n_heads + 2 * kv_heads) / tp
+    cp_calls = attention_layers * (8 + (4 if mode == "full" else 0)) + mamba_layers * 4
     cp_per_micro = 0.0 if cp == 1 else (
         attention_layers * (2 + (1 if mode == "full" else 0)) * all_gather(qkvo, cp, cp_bw, cp_lat)
-        + mamba_layers * 4 * cp_lat)
+        + mamba_layers * 4 * cp_lat + cp_calls * call)
 
     ep_bw, ep_lat = _link(cluster, tp, ep)
     moe_layers = sum(cfg.is_moe_layer(i) for i in layers) / pp
-    ep_comm = moe_layers * 4 * all_gather(elem * tokens * cfg.top_k * cfg.d_model, ep, ep_bw, ep_lat)
+    ep_comm = moe_layers * 4 * _collective("all_to_all", elem * tokens * cfg.top_k * cfg.d_model, ep, ep_bw,
+                                           ep_lat, call)
 
     pp_bw, pp_lat = _link(cluster, tp * cp * dp, pp)
-    p2p = 0.0 if pp == 1 else 2 * (act / (tp if sp else 1) / pp_bw + pp_lat)
+    p2p = 0.0 if pp == 1 else 2 * (act / (tp if sp else 1) / pp_bw + pp_lat + call)
 
     slot = forward + backward + recompute + tp_comm + cp_per_micro + ep_comm + p2p
     pipeline = (micro_batches + pp - 1) * slot
 
     # Gradients (and ZeRO's parameter traffic) over the data x context parallel group; experts over their smaller
     # group (expert and context parallelism do not combine).
-    stepped = local_numels(cfg, layout)
     expert = sum(n for s, n in stepped if s.split == "expert")
     dense = sum(n for _, n in stepped) - expert
     dp_bw, dp_lat = _link(cluster, tp, dp * cp)
     edp = dp // ep
     edp_bw, edp_lat = _link(cluster, tp * ep, edp)
-    dp_comm = all_reduce(elem * dense, dp * cp, dp_bw, dp_lat) + all_reduce(elem * expert, edp, edp_bw, edp_lat)
-    gathers = 0.0
-    if zero_stage == 3:  # every micro-batch gathers the parameters for forward and again for backward
-        gathers = 2 * micro_batches * (all_gather(elem * dense, dp * cp, dp_bw, dp_lat)
-                                       + all_gather(elem * expert, edp, edp_bw, edp_lat))
-    dp_total = dp_comm + gathers
-    # DeepSpeed's pipeline engine reduces gradients after the last backward of the schedule (ReduceGrads).
-    hidden = backward if overlap_grad_reduce and pp == 1 else 0.0
-    if zero_stage == 3:
+
+    def dp_op(kind: str, count: float = 1.0) -> float:  # one collective of every parameter, in buckets
+        calls = math.ceil(dense / zero_buckets(cfg).reduce) if zero_stage else 1
+        return count * (_collective(kind, elem * dense, dp * cp, dp_bw, dp_lat, calls * call)
+                        + _collective(kind, elem * expert, edp, edp_bw, edp_lat, call))
+
+    if zero_stage <= 1:  # one reduction of the accumulated gradients per step (ZeRO-1 then gathers: same volume)
+        per_micro, per_step = 0.0, dp_op("all_reduce")
+    elif zero_stage == 2:  # DeepSpeed reduce-scatters every micro-batch's gradients, gathers after the step
+        per_micro, per_step = dp_op("reduce_scatter"), dp_op("all_gather")
+    elif cluster.overlap_comm:
+        # Gathers for forward and for backward every micro-batch; the gradient reduction charged as one all-reduce
+        # per step, as this model always has for GPU clusters (its published ZeRO-3 rows are held to it).
+        per_micro, per_step = dp_op("all_gather", 2), dp_op("all_reduce")
+    else:  # gathers for forward and for backward, reduce-scatter, every micro-batch
+        per_micro, per_step = dp_op("all_gather", 2) + dp_op("reduce_scatter"), 0.0
+    dp_total = micro_batches * per_micro + per_step
+    if not cluster.overlap_comm:  # one thread per rank makes every blocking call: nothing hides
+        dp_exposed = dp_total
+    elif zero_stage == 3:
         # Prefetching hides the gathers behind the forward passes; in backward the gathers and the gradient
         # reduce-scatters share the links and wait on each other.
-        hidden = max(hidden, micro_batches * forward)
-    dp_exposed = max(0.0, dp_total - hidden)
+        dp_exposed = max(0.0, dp_total - max(backward if overlap_grad_reduce and pp == 1 else 0.0,
+                                             micro_batches * forward))
+    elif zero_stage == 2:  # each micro-batch's reduce-scatter behind its backward; the gather after the step
+        dp_exposed = micro_batches * max(0.0, per_micro - (backward if overlap_grad_reduce else 0.0)) + per_step
+    else:
+        # DeepSpeed's pipeline engine reduces gradients after the last backward of the schedule (ReduceGrads).
+        dp_exposed = max(0.0, per_step - (backward if overlap_grad_reduce and pp == 1 else 0.0))
 
     shard = dp * cp if zero_stage >= 1 else 1
     optimizer = k.memory(ADAMW_BYTES_PER_ELEMENT * (dense / shard + expert / (edp if zero_stage >= 1 else 1)),
                          kernels=12)
     total = pipeline + dp_exposed + optimizer
     return StepTime(
-        compute=micro_batches * (forward + backward + recompute), tp_comm=micro_batches * tp_comm,
-        cp_comm=micro_batches * cp_per_micro, ep_comm=micro_batches * ep_comm, pp_comm=micro_batches * p2p, bubble=(pp - 1) * slot, dp_comm=dp_total,
-        dp_exposed=dp_exposed, optimizer=optimizer, total=total,
+        compute=micro_batches * (forward + backward + recompute),
+        host=micro_batches * (host_fwd + host_bwd + zero_host), tp_comm=micro_batches * tp_comm,
+        cp_comm=micro_batches * cp_per_micro, ep_comm=micro_batches * ep_comm, pp_comm=micro_batches * p2p,
+        bubble=(pp - 1) * slot, dp_comm=dp_total, dp_exposed=dp_exposed, optimizer=optimizer, total=total,
     )
