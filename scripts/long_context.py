@@ -65,7 +65,7 @@ def measure(args: list[str], out: Path) -> None:
     from train.saved_activations import saved_activation_bytes
 
     torch.set_num_threads(1)
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     run = compose(args, world)
     if world > 1:
         init_distributed(torch.device("cpu"))
