@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -40,3 +42,25 @@ def tiny_reference(sample_data) -> list[float]:
     from tests.utils import TINY
 
     return reference_losses(TINY, 10)
+
+
+@pytest.fixture(autouse=True)
+def no_fsspec_io_thread_left():
+    """Tests that read or write URLs in this process start fsspec's IO loop thread (and its executor's threads);
+    the trainer launches fork this process, which wants no other thread alive (tests/utils.run_train would fall back
+    to fresh interpreters, minutes slower): stop them after each test."""
+    yield
+    asyn = sys.modules.get("fsspec.asyn")
+    if asyn is None or asyn.loop[0] is None:
+        return
+    import fsspec
+
+    loop, thread = asyn.loop[0], asyn.iothread[0]
+    fsspec.AbstractFileSystem.clear_instance_cache()  # instances hold sessions on this loop
+    for cls in list(fsspec.registry.values()) if hasattr(fsspec, "registry") else []:
+        getattr(cls, "clear_instance_cache", lambda: None)()
+    asyncio.run_coroutine_threadsafe(loop.shutdown_default_executor(), loop).result(30)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(30)
+    loop.close()
+    asyn.loop[0] = asyn.iothread[0] = None
