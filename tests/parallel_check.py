@@ -83,3 +83,47 @@ def assert_gradients_match(got: dict[str, torch.Tensor], want: dict[str, torch.T
         # a shard may describe its tensor through a view of the same elements (Mamba's in_proj as [2, d_inner, D])
         err = float((got[name].reshape(ref.shape) - ref).abs().max())
         assert err <= rel * float(ref.abs().max()) + 1e-12, (name, err, float(ref.abs().max()))
+
+
+def assert_losses_match(run_dir: Path, want: list[dict[str, float]], rel: float = 1e-5) -> None:
+    """The trainer's logged loss and ce_loss at every step within ``rel`` of the reference's, aux_loss within ``rel``
+    of the loss (it is small, so relative to itself would ask for more than fp32 sums give)."""
+    from tests.utils import read_metrics
+
+    rows = {r["step"]: r for r in read_metrics(run_dir) if "ce_loss" in r}
+    assert sorted(rows) == list(range(1, len(want) + 1)), sorted(rows)
+    for step, ref in enumerate(want, start=1):
+        for key in ("loss", "ce_loss"):
+            assert abs(rows[step][key] - ref[key]) <= rel * abs(ref[key]), (step, key, rows[step][key], ref[key])
+        assert abs(rows[step]["aux_loss"] - ref["aux_loss"]) <= rel * abs(ref["loss"]), (step, rows[step])
+
+
+class References:
+    """`tests.reference.micro_batch_reference` of ``base`` per model, computed once per test module."""
+
+    def __init__(self, base: list[str], steps: int) -> None:
+        self.base, self.steps, self.done = base, steps, {}
+
+    def __call__(self, model: str) -> tuple:
+        if model not in self.done:
+            from tests.reference import micro_batch_reference
+
+            self.done[model] = micro_batch_reference([*self.base, f"model={model}"], self.steps)
+        return self.done[model]
+
+
+def check_layout(overrides: list[str], ranks: int, reference: tuple, out_dir: Path, rel: float = 1e-5,
+                 fork: bool = True) -> str:
+    """The layout's first-step gradients (gathered from every rank's pieces) and the real trainer's losses over the
+    reference's steps, against the single-process ``reference`` = (losses, gradients); returns the trainer's stdout."""
+    from tests.forklaunch import fork_call
+    from tests.utils import child_env, run_train
+
+    want, want_grads = reference
+    fork_call(step_one_gradients, (overrides, str(out_dir)), ranks, child_env())
+    assert_gradients_match(assemble(out_dir), want_grads, rel)
+    run_dir = out_dir / "run"
+    proc = run_train([*overrides, f"run_dir={run_dir}"], nproc=ranks, fork=fork)
+    assert f"world {ranks}" in proc.stdout
+    assert_losses_match(run_dir, want, rel)
+    return proc.stdout

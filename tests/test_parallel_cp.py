@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from tests.forklaunch import fork_call
-from tests.parallel_check import assemble, assert_gradients_match, step_one_gradients
-from tests.reference import micro_batch_reference, run_config
-from tests.utils import TINY, child_env, read_metrics, run_train, start_from_checkpoint, train_losses
+from tests.parallel_check import References, check_layout
+from tests.reference import run_config
+from tests.utils import TINY, child_env, run_train, start_from_checkpoint, train_losses
 
 STEPS = 4
 REL_TOL = 1e-5
@@ -37,38 +37,15 @@ LAYOUTS = [
     ("hybrid-cp2-dp2-zero2", "hybrid_tiny", 4, ["parallel=zero2", "parallel.cp=2"]),
     ("dense-cp2-pp2", "dense_tiny", 4, ["parallel=pp2", "parallel.cp=2"]),
 ]
-_REFERENCES: dict[str, tuple] = {}
-
-
-def reference(model: str) -> tuple:
-    if model not in _REFERENCES:
-        _REFERENCES[model] = micro_batch_reference([*BASE, f"model={model}"], STEPS)
-    return _REFERENCES[model]
-
-
-def assert_losses_match(run_dir: Path, want: list[dict[str, float]]) -> None:
-    rows = {r["step"]: r for r in read_metrics(run_dir) if "ce_loss" in r}
-    assert sorted(rows) == list(range(1, STEPS + 1)), sorted(rows)
-    for step, ref in enumerate(want, start=1):
-        for key in ("loss", "ce_loss"):
-            assert abs(rows[step][key] - ref[key]) <= REL_TOL * abs(ref[key]), (step, key, rows[step][key], ref[key])
-        assert abs(rows[step]["aux_loss"] - ref["aux_loss"]) <= REL_TOL * abs(ref["loss"]), (step, rows[step])
+reference = References(BASE, STEPS)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", LAYOUTS, ids=[c[0] for c in LAYOUTS])
 def test_context_parallel_matches_single_process(case, sample_data, tmp_path):
     _, model, ranks, parallel = case
-    overrides = [*BASE, f"model={model}", *parallel]
-    want, want_grads = reference(model)
-
-    fork_call(step_one_gradients, (overrides, str(tmp_path)), ranks, child_env())
-    assert_gradients_match(assemble(tmp_path), want_grads)
-
-    run_dir = tmp_path / "run"
-    proc = run_train([*overrides, f"run_dir={run_dir}"], nproc=ranks, fork=True)
-    assert f"world {ranks}" in proc.stdout and "cp " in proc.stdout
-    assert_losses_match(run_dir, want)
+    stdout = check_layout([*BASE, f"model={model}", *parallel], ranks, reference(model), tmp_path, REL_TOL)
+    assert "cp " in stdout
 
 
 def _saved_bytes_per_rank(overrides: list[str], out_dir: str) -> None:
