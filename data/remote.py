@@ -1,7 +1,11 @@
-"""Prepared sets behind a URL (``https://``, ``http://``, ``s3://``, ``file://``): fetching with retries, and the
-per-node shard cache.
+"""Prepared sets behind a URL (``https://``, ``http://``, ``s3://``, ``file://``, ``pipe:CMD``): fetching with retries,
+and the per-node shard cache.
 
-Reads go through fsspec (aiohttp for HTTP, s3fs for S3), never hand-written HTTP. Credentials are whatever the
+Reads go through fsspec (aiohttp for HTTP, s3fs for S3), never hand-written HTTP. ``pipe:CMD`` follows webdataset's
+convention (its ``gopen`` runs the command): CMD, run by the shell with ``{}`` replaced by a file name of the prepared
+set (``index.json``, ``train-000000.tar``), writes that file to stdout, e.g. ``pipe:aws s3 cp s3://bucket/set/{} -``
+or ``pipe:gsutil cat gs://bucket/set/{}``; a command has no ranged reads, so such a source is read whole shard by
+whole shard. Credentials are whatever the
 environment gives those libraries: ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``,
 ``AWS_PROFILE``, ``AWS_DEFAULT_REGION`` and ``AWS_ENDPOINT_URL`` (an S3-compatible server). A URL that carries
 credentials itself (``https://user:pw@host``) is refused, so none can reach a config, a log or W&B.
@@ -60,11 +64,14 @@ class FetchFailed(DataReadError):
 
 
 def is_url(path: str | os.PathLike) -> bool:
-    return isinstance(path, str) and "://" in path
+    return isinstance(path, str) and ("://" in path or path.startswith("pipe:"))
 
 
 def check_url(url: str) -> str | None:
     """Why ``url`` cannot be a source, or None when it can."""
+    if url.startswith("pipe:"):
+        return None if "{}" in url else (f"{url}: a pipe: source needs {{}} where the file name goes, e.g. "
+                                         "pipe:aws s3 cp s3://bucket/set/{} -")
     parts = urlsplit(url)
     if parts.scheme not in URL_SCHEMES:
         return f"{url}: unsupported scheme {parts.scheme!r}; use a directory or one of {', '.join(URL_SCHEMES)}://"
@@ -132,6 +139,9 @@ class FetchSettings:
 
 def describe(exc: BaseException, protocol: str) -> str:
     """The cause of a failed fetch in a few words: HTTP status, missing key, connection error, timeout."""
+    if protocol == "pipe":  # webdataset's gopen: "(args): exit N (read) ..."
+        code = re.search(r"exit (-?\d+)", str(exc))
+        return f"the command exited with status {code.group(1)}" if code else f"{type(exc).__name__}: {exc}"
     status = getattr(exc, "status", None)  # aiohttp.ClientResponseError
     if isinstance(status, int):
         return f"HTTP {status} {getattr(exc, 'message', '') or ''}".strip()
@@ -147,12 +157,42 @@ def describe(exc: BaseException, protocol: str) -> str:
     return f"{kind}: {text}" if text else kind
 
 
+class PipeFileSystem:
+    """The few fsspec calls `Remote` makes, for ``pipe:`` URLs: each runs the command through webdataset's ``gopen``
+    (which raises when it exits non-zero; its stderr reaches the job's log). A range reads the whole output."""
+
+    @staticmethod
+    def _open(url: str) -> Any:
+        from webdataset.gopen import gopen
+
+        return gopen(url, "rb")
+
+    def cat_file(self, url: str, start: int | None = None, end: int | None = None) -> bytes:
+        with self._open(url) as stream:
+            data = stream.read()
+        return data[start:end]
+
+    def cat_ranges(self, urls: list[str], starts: list[int], ends: list[int], on_error: str = "return") -> list[Any]:
+        out: list[Any] = []
+        for url, start, end in zip(urls, starts, ends, strict=True):
+            try:
+                out.append(self.cat_file(url, start, end))
+            except Exception as exc:  # noqa: BLE001  (returned per range, as fsspec does with on_error="return")
+                out.append(exc)
+        return out
+
+    def get_file(self, url: str, dest: str) -> None:
+        with self._open(url) as stream, open(dest, "wb") as f:
+            while chunk := stream.read(1 << 22):
+                f.write(chunk)
+
+
 class Remote:
     """One URL prefix, read through fsspec with retries. The filesystem object is made per process (fork-safe)."""
 
     def __init__(self, url: str, settings: FetchSettings):
         self.url, self.settings = url.rstrip("/"), settings
-        self.protocol = urlsplit(url).scheme
+        self.protocol = "pipe" if url.startswith("pipe:") else urlsplit(url).scheme
         self.bytes_fetched = 0  # payload bytes this process fetched (benchmarks, tests)
         self._fs: Any = None
         self._fs_pid = -1
@@ -161,9 +201,11 @@ class Remote:
         return self.__dict__ | {"_fs": None, "_fs_pid": -1}
 
     def full(self, rel: str) -> str:
-        return f"{self.url}/{rel}"
+        return self.url.replace("{}", rel) if self.protocol == "pipe" else f"{self.url}/{rel}"
 
     def fs(self) -> Any:
+        if self.protocol == "pipe":
+            return PipeFileSystem()
         if self._fs is None or self._fs_pid != os.getpid():
             import fsspec
 

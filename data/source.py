@@ -124,7 +124,8 @@ class TokenSource(FetchingSource):
             settings = self.remote.settings
             self.cache = ShardCache(settings.cache_root, settings.cache_max_bytes)
             fits = sum(self._shard_bytes) <= settings.cache_max_bytes * cache_share
-            self.mode = "shard" if fits else "member"
+            # A pipe: command has no ranged reads: whole shards, whatever the cache holds.
+            self.mode = "shard" if fits or self.remote.protocol == "pipe" else "member"
             return
         for shard_id, shard_path in enumerate(self.shard_paths):
             end = max((m["offset"] + m["nbytes"] for m in shards[shard_id]["members"]), default=0)

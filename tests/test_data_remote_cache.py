@@ -154,3 +154,19 @@ def test_url_sources_are_checked_in_the_config():
     with pytest.raises(DataConfigError) as err:
         DataConfig.from_dict({"sources": [{"path": "s3://b/s"}], "cache_max_gb": 0})
     assert err.value.key == "data.cache_max_gb"
+
+
+def test_a_pipe_source_reads_what_its_command_writes(served, tmp_path):
+    """``pipe:CMD`` (webdataset's convention, ``{}`` the file name): the same batches as the directory, whole shards
+    even when the cache is smaller (a command has no ranged reads); a failing command is named with its status."""
+    src = served["www"] / "set"
+    local = _epoch(src, tmp_path / "unused")
+    got = in_child(lambda: (_epoch(f"pipe:cat {src}/{{}}", tmp_path / "pipe"),
+                            _loader(f"pipe:cat {src}/{{}}", tmp_path / "pipe", 4096).sources[0].mode))
+    assert got["ok"] == [local, "shard"]
+    error = in_child(lambda: _epoch(f"pipe:cat {tmp_path}/nowhere/{{}}", tmp_path / "c"))["error"]
+    assert error.startswith(f"FetchFailed: cannot fetch pipe:cat {tmp_path}/nowhere/index.json (the command exited "
+                            "with status 1, 2 attempts)") and "\n" not in error, error
+    with pytest.raises(DataConfigError) as err:
+        DataConfig.from_dict({"sources": [{"path": "pipe:cat /data/index.json"}]})
+    assert "needs {} where the file name goes" in str(err.value)
