@@ -200,6 +200,11 @@ def test_calibrate_measures_this_machine_into_a_cluster_config(tmp_path) -> None
     assert cluster.name == "cpu_local" and cluster.gpus_per_node == 2 and cluster.precision == "fp32"
     assert 0 < cluster.matmul_efficiency <= 1 and 0 < cluster.attention_efficiency <= 1
     assert cluster.hbm_bandwidth > 1e8 and cluster.intra_node_bandwidth > 1e6 and cluster.intra_node_latency_s > 0
+    # The host's costs: an operator under autograd, a collective call, DeepSpeed's per-parameter work.
+    assert 0 < cluster.op_overhead_s < 1e-3 and cluster.collective_overhead_s >= 0
+    assert cluster.zero_param_s >= 0 and cluster.zero3_param_s > 0 and cluster.gather_scatter_slowdown >= 1
+    assert [d for d, _ in cluster.matmul_efficiency_by_dim] == [32, 64, 128, 256, 512, 1024]
+    assert not cluster.overlap_comm
     # The planner runs on it.
     p = predict(GPT_1B, ParallelConfig(zero_stage=1), cluster, seq_len=512, micro_batch=1, global_batch=4)
     assert p.time.total > 0 and p.layout.dp == 2
@@ -321,3 +326,12 @@ def test_without_overlap_every_reduction_is_exposed_and_zero2_reduces_every_micr
     assert four.dp_comm == pytest.approx(one.dp_comm * 5 / 2, rel=0.01)
     overlapped = _tiny_step(replace(cluster, overlap_comm=True), ParallelConfig(zero_stage=2), mb=2)
     assert overlapped.dp_exposed < overlapped.dp_comm
+
+
+def test_thin_gemms_run_at_their_measured_efficiency() -> None:
+    cluster = replace(_h100(), matmul_efficiency=0.8, matmul_efficiency_by_dim=((32, 0.4), (128, 0.6), (512, 0.8)))
+    assert cluster.gemm_efficiency(16) == 0.4 and cluster.gemm_efficiency(4096) == 0.8
+    assert cluster.gemm_efficiency(64) == pytest.approx(0.5)  # log-linear between 32 and 128
+    assert _h100().gemm_efficiency(64) == _h100().matmul_efficiency  # GPU clusters: one efficiency
+    with pytest.raises(ConfigError, match="matmul_efficiency_by_dim"):
+        ClusterConfig.from_dict({"matmul_efficiency_by_dim": [[64, 1.5]]})

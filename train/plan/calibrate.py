@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 import yaml
 
 from train.metrics import cpu_flops_per_cycle
-from train.plan.calibrate_host import collective_overhead, op_overhead, timed, zero_param_costs
+from train.plan.calibrate_host import collective_costs, op_overhead, timed, zero_param_costs
 from train.plan.cluster import CLUSTERS
 
 CLUSTER = CLUSTERS / "cpu_local.yaml"
@@ -33,6 +33,11 @@ def measure_kernels() -> dict[str, float]:
     n = 1024
     a, b = torch.randn(n, n), torch.randn(n, n)
     gemm = 2 * n**3 / timed(lambda: a @ b)
+    by_dim = []
+    for dim in (32, 64, 128, 256, 512, 1024):  # a transformer's GEMMs: many tokens through a thin weight
+        x, w = torch.randn(2048, dim), torch.randn(dim, dim)
+        t = timed(lambda x=x, w=w: x @ w, repeats=9)
+        by_dim.append([dim, min(1.0, round(2 * 2048 * dim**2 / t / peak, 4))])
     heads, seq, hd = 4, 512, 64
     q = torch.randn(1, heads, seq, hd, requires_grad=True)
 
@@ -47,7 +52,7 @@ def measure_kernels() -> dict[str, float]:
     bandwidth = 2 * big.numel() * 4 / timed(lambda: big.copy_(src))
     tiny = torch.ones(1)
     overhead = timed(lambda: [tiny.add(1) for _ in range(1000)]) / 1000
-    return {"peak_flops": peak, "matmul_efficiency": min(1.0, gemm / peak), "attention_efficiency": min(1.0, attn / peak),
+    return {"peak_flops": peak, "matmul_efficiency": min(1.0, gemm / peak), "matmul_efficiency_by_dim": by_dim, "attention_efficiency": min(1.0, attn / peak),
             "hbm_bandwidth": bandwidth, "kernel_overhead_s": overhead}
 
 
@@ -69,7 +74,7 @@ def _worker(rank: int, world: int, port: int, out: dict) -> None:
     bw = 2 * (world - 1) / world * large.numel() * 4 / max(t_large - 2 * (world - 1) * latency, 1e-9)
     measured |= {"intra_node_bandwidth": bw, "intra_node_latency_s": latency, "inter_node_bandwidth": bw,
                  "inter_node_latency_s": latency}
-    measured |= {"op_overhead_s": op_overhead(), "collective_overhead_s": collective_overhead(latency)}
+    measured |= {"op_overhead_s": op_overhead()} | collective_costs(latency, bw)
     measured |= zero_param_costs()
     out[rank] = measured
     dist.destroy_process_group()
@@ -87,7 +92,10 @@ def measure(world: int) -> dict[str, float]:
         out = manager.dict()
         mp.spawn(_worker, args=(world, _free_port(), out), nprocs=world, join=True)
         ranks = [out[r] for r in range(world)]
-    return {key: sum(r[key] for r in ranks) / world for key in ranks[0]}
+    by_dim = [[dim, round(sum(r["matmul_efficiency_by_dim"][i][1] for r in ranks) / world, 4)]
+              for i, (dim, _) in enumerate(ranks[0]["matmul_efficiency_by_dim"])]
+    return {key: sum(r[key] for r in ranks) / world for key in ranks[0] if key != "matmul_efficiency_by_dim"} | {
+        "matmul_efficiency_by_dim": by_dim}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(args.out)
     values = yaml.safe_load(path.read_text()) if path.is_file() else {"name": "cpu_local", "nodes": 1}
     total_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    values.update({k: float(f"{v:.4g}") for k, v in measured.items()})
+    values.update({k: v if isinstance(v, list) else float(f"{v:.4g}") for k, v in measured.items()})
     values.update(gpus_per_node=args.ranks, memory_per_gpu_gb=round(total_gb / args.ranks, 1), precision="fp32")
     values["overlap_comm"] = False  # one thread per rank computes and makes every blocking gloo call
     header = ("# This machine, measured by `python -m train.plan calibrate` (one thread per rank, all ranks at once,\n"
@@ -107,6 +115,6 @@ def main(argv: list[str] | None = None) -> int:
               "# attention reach of it; op_overhead_s and the rest are the host's costs (train/plan/host.py).\n")
     path.write_text(header + yaml.safe_dump(values, sort_keys=False))
     for k, v in measured.items():
-        print(f"{k:<22} {v:.4g}")
+        print(f"{k:<24} {v}" if isinstance(v, list) else f"{k:<24} {v:.4g}")
     print(f"written to {path}")
     return 0

@@ -68,14 +68,39 @@ def op_overhead() -> float:
     return timed(step, repeats=11) / counter.ops
 
 
-def collective_overhead(latency: float) -> float:
-    """Seconds per call of small all-gathers and reduce-scatters beyond the ring latency the all-reduce measures
-    ((n-1) latency each), as train/parallel/sp.py issues them."""
+def collective_costs(latency: float, bandwidth: float) -> dict[str, float]:
+    """All-gathers and reduce-scatters as tensor parallelism issues them: between compute, in ranks that arrive a
+    little apart and wake gloo's threads from cold. Large ones alone give their time for the bytes relative to a
+    ring at the all-reduce's bandwidth ((n-1)/n of the bytes); then a loop of a GEMM and a 256 KiB all-gather or
+    reduce-scatter (an activation of a small model), less the same loop without the collectives, gives the cost of
+    one call beyond its ring time ((n-1) latency and the bytes)."""
     world = dist.get_world_size()
-    x, full = torch.ones(16 * world), torch.ones(16 * world * world)
-    gather = timed(lambda: dist.all_gather_into_tensor(full, x), repeats=21, sync=True)
-    scatter = timed(lambda: dist.reduce_scatter_tensor(x, full), repeats=21, sync=True)
-    return max(0.0, (gather + scatter) / 2 - (world - 1) * latency)
+
+    def pair(numel: int, repeats: int) -> float:
+        x, full = torch.ones(numel), torch.ones(numel * world)
+        gather = timed(lambda: dist.all_gather_into_tensor(full, x), repeats=repeats, sync=True)
+        scatter = timed(lambda: dist.reduce_scatter_tensor(x, full), repeats=repeats, sync=True)
+        return (gather + scatter) / 2
+
+    numel = 2**20  # 4 MiB a rank
+    ring = (world - 1) / world * numel * world * 4 / bandwidth
+    slowdown = max(1.0, (pair(numel, 5) - pair(16, 11)) / ring)
+    act = 2**16 // world  # 256 KiB gathered
+    x, full = torch.ones(act), torch.ones(act * world)
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+    calls = 16
+
+    def loop(communicate: bool) -> None:
+        for i in range(calls):
+            a @ b
+            if communicate and i % 2:
+                dist.reduce_scatter_tensor(x, full)
+            elif communicate:
+                dist.all_gather_into_tensor(full, x)
+
+    per_call = (timed(lambda: loop(True), repeats=7, sync=True) - timed(lambda: loop(False), repeats=7, sync=True)) / calls
+    ring_time = (world - 1) / world * act * world * 4 * slowdown / bandwidth + (world - 1) * latency
+    return {"collective_overhead_s": max(0.0, per_call - ring_time), "gather_scatter_slowdown": slowdown}
 
 
 def _engine_step_time(stage: int, layers: int, accumulation: int) -> float:

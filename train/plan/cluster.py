@@ -3,6 +3,8 @@ throughput, memory and links."""
 
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -24,6 +26,9 @@ class ClusterConfig:
     peak_flops: float = 989e12  # dense FLOP/s per accelerator at `precision`
     hbm_bandwidth: float = 3.35e12  # bytes/s
     matmul_efficiency: float = 0.72  # fraction of peak that large GEMMs reach
+    # Measured (smallest GEMM dimension, fraction of peak) points where thin GEMMs reach less (CPU: calibrated);
+    # between points log-linear, beyond the last ``matmul_efficiency``. Empty: ``matmul_efficiency`` for all.
+    matmul_efficiency_by_dim: tuple[tuple[int, float], ...] = ()
     attention_efficiency: float = 0.5
     intra_node_bandwidth: float = 450e9  # bytes/s per accelerator, one direction
     intra_node_latency_s: float = 5e-6
@@ -34,6 +39,7 @@ class ClusterConfig:
     # behind them (0); on a CPU they run on the compute thread and `python -m train.plan calibrate` measures them.
     op_overhead_s: float = 0.0  # per operator dispatched under autograd (Python, dispatcher, autograd node)
     collective_overhead_s: float = 0.0  # per collective call from Python, on top of the ring's latency
+    gather_scatter_slowdown: float = 1.0  # all-gather/reduce-scatter/all-to-all bytes vs a ring at the bandwidth
     zero_param_s: float = 0.0  # DeepSpeed ZeRO 1-2: per parameter and micro-batch (its gradient hook)
     zero3_param_s: float = 0.0  # ZeRO-3: per gathered parameter and micro-batch (fetch, release, hook)
     overlap_comm: bool = True  # communication runs beside compute (GPU streams); not when one thread does both
@@ -44,6 +50,19 @@ class ClusterConfig:
         cfg = config_from_dict(cls, d, "cluster")
         cfg.validate()
         return cfg
+
+    def gemm_efficiency(self, smallest_dim: float) -> float:
+        """Fraction of peak a GEMM whose smallest dimension is ``smallest_dim`` reaches."""
+        points = sorted(self.matmul_efficiency_by_dim)
+        if not points or smallest_dim >= points[-1][0]:
+            return self.matmul_efficiency
+        if smallest_dim <= points[0][0]:
+            return points[0][1]
+        for (d0, e0), (d1, e1) in itertools.pairwise(points):
+            if smallest_dim <= d1:
+                w = math.log(smallest_dim / d0) / math.log(d1 / d0)
+                return e0 + w * (e1 - e0)
+        return self.matmul_efficiency
 
     @property
     def world_size(self) -> int:
@@ -69,6 +88,12 @@ class ClusterConfig:
         for key in ("matmul_efficiency", "attention_efficiency"):
             if not 0 < getattr(self, key) <= 1:
                 raise ConfigError(f"cluster.{key}", f"must be in (0, 1], got {getattr(self, key)}")
+        for dim, eff in self.matmul_efficiency_by_dim:
+            if dim < 1 or not 0 < eff <= 1:
+                raise ConfigError("cluster.matmul_efficiency_by_dim", f"needs [dim >= 1, efficiency in (0, 1]] "
+                                  f"pairs, got {[dim, eff]}")
+        if self.gather_scatter_slowdown < 1:
+            raise ConfigError("cluster.gather_scatter_slowdown", f"must be >= 1, got {self.gather_scatter_slowdown}")
         if not 0 <= self.memory_reserved_gb < self.memory_per_gpu_gb:
             raise ConfigError("cluster.memory_reserved_gb", f"must be in [0, memory_per_gpu_gb), got "
                               f"{self.memory_reserved_gb}")

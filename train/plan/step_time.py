@@ -1,7 +1,8 @@
 """Time of one optimizer step on one rank, from the model, the layout and the cluster.
 
-Compute. Every GEMM of a block is a roofline: the larger of its FLOPs at ``matmul_efficiency`` of peak and the
-bytes it moves at HBM bandwidth, plus a kernel's overhead. Attention's score and value products run at
+Compute. Every GEMM of a block is a roofline: the larger of its FLOPs at ``matmul_efficiency`` of peak (on a CPU,
+the efficiency measured for GEMMs as thin as its smallest dimension) and the bytes it moves at HBM bandwidth, plus
+a kernel's overhead. Attention's score and value products run at
 ``attention_efficiency`` and, causal, do half of the T x T work. Norms, activations, residuals and the Mamba scan
 are memory traffic. Backward costs twice the forward (2.5x for the attention kernel); full recompute adds one
 forward, selective the forward of everything but the GEMMs.
@@ -14,7 +15,8 @@ and uses NVLink; otherwise each rank's NIC.
 
 Per micro-batch: tensor parallelism all-reduces the block's output after attention (or the Mamba mixer) and after
 the feed-forward, in forward and in backward (with sequence parallelism an all-gather and a reduce-scatter of the
-same bytes) and again in a recomputed forward; expert parallelism sends the routed tokens out and back
+same bytes, one more all-gather of each input in backward and the norm weights' gradient all-reduces: the calls
+`train.plan.host.tp_calls` lists) and again in a recomputed forward; expert parallelism sends the routed tokens out and back
 (all-to-all) in forward and backward; a pipeline stage sends its output on and receives its gradient back.
 
 Context parallelism: each rank computes a cp-th of every sequence's positions; the attention all-to-alls move q, k,
@@ -24,11 +26,21 @@ state), so its time does not fall with cp.
 Pipeline: 1F1B over ``m`` micro-batches and ``p`` stages takes ``m + p - 1`` slots of one micro-batch's forward,
 backward and messages, so ``(p-1)/(m+p-1)`` of it is bubble (Narayanan et al. 2021).
 
-Data parallelism reduces gradients once per step: ZeRO 1-2 as a reduce-scatter plus the parameter all-gather after
-the step (an all-reduce's volume); ZeRO-3 also gathers each parameter for every micro-batch's forward and backward
-(Rajbhandari et al. 2020). With ``overlap_grad_reduce`` the reduction hides behind the last micro-batch's backward
-and only the rest is exposed; ZeRO-3's traffic hides behind the forward passes (prefetch), not the backward ones,
-where gathers and reduce-scatters share the links. The optimizer step streams the rank's partition of weights, gradients and moments.
+Data parallelism: ZeRO 0-1 reduce the accumulated gradients once per step (ZeRO-1 as a reduce-scatter plus the
+parameter all-gather after the step: an all-reduce's volume); DeepSpeed's ZeRO-2 reduce-scatters every micro-batch's
+gradients (they are partitioned, so they cannot accumulate unreduced) and gathers the parameters after the step;
+ZeRO-3 gathers each parameter for every micro-batch's forward and backward (Rajbhandari et al. 2020) and
+reduce-scatters its gradients. With ``overlap_grad_reduce`` a reduction hides behind the backward it follows and
+only the rest is exposed; ZeRO-3's traffic hides behind the forward passes (prefetch), not the backward ones, where
+gathers and reduce-scatters share the links (on GPU clusters its reduction is charged as one all-reduce per step).
+Without ``cluster.overlap_comm`` (a CPU rank: one thread computes and makes every blocking gloo call) nothing hides.
+The optimizer step streams the rank's partition of weights, gradients and moments.
+
+Host (`train.plan.host`): each operator the rank dispatches costs ``op_overhead_s``, each collective call
+``collective_overhead_s`` beyond its ring time (all-gathers and reduce-scatters move their bytes
+``gather_scatter_slowdown`` times slower than the ring), and DeepSpeed's per-parameter work ``zero_param_s`` (ZeRO
+1-2) or ``zero3_param_s`` (ZeRO-3) per parameter and micro-batch. They are 0 on GPU clusters, whose host runs ahead
+of the kernels, and measured on this machine by `python -m train.plan calibrate`.
 """
 
 from __future__ import annotations
@@ -98,7 +110,8 @@ class _Costs:
         c = self.c
         flops = 2 * m * n * k
         moved = self.elem * (m * k + k * n + m * n)
-        return count * (max(flops / (c.peak_flops * c.matmul_efficiency), moved / c.hbm_bandwidth)
+        eff = c.gemm_efficiency(min(m, n, k))
+        return count * (max(flops / (c.peak_flops * eff), moved / c.hbm_bandwidth)
                         + c.kernel_overhead_s)
 
     def memory(self, nbytes: float, kernels: int = 1) -> float:
@@ -146,10 +159,13 @@ def _block_forward(cfg: ModelConfig, layer: int, tokens: int, seq_len: int, tp: 
     return gemm, attn, other
 
 
-def _collective(kind: str, nbytes: float, n: int, bw: float, lat: float, overhead: float) -> float:
+def _collective(kind: str, nbytes: float, n: int, bw: float, lat: float, c: ClusterConfig, calls: int = 1) -> float:
+    """One collective of ``nbytes`` issued in ``calls`` calls, each paying the host's call overhead."""
     if n <= 1:
         return 0.0
-    return overhead + (all_reduce if kind == "all_reduce" else all_gather)(nbytes, n, bw, lat)
+    if kind == "all_reduce":
+        return calls * c.collective_overhead_s + all_reduce(nbytes, n, bw, lat)
+    return calls * c.collective_overhead_s + all_gather(nbytes * c.gather_scatter_slowdown, n, bw, lat)
 
 
 def step_time(cfg: ModelConfig, layout: Layout, cluster: ClusterConfig, *, zero_stage: int, micro_batch: int,
@@ -197,9 +213,9 @@ def step_time(cfg: ModelConfig, layout: Layout, cluster: ClusterConfig, *, zero_
     sizes = {"act": act, "small": elem * cfg.d_model, "tokens": 4.0 * tokens}
     if cfg.family == "hybrid":
         sizes["mamba"] = elem * tokens * (cfg.resolved_dt_rank + 2 * cfg.mamba_d_state)
-    tp_blocks = sum(_collective(kind, sizes[size], tp, tp_bw, tp_lat, call)
+    tp_blocks = sum(_collective(kind, sizes[size], tp, tp_bw, tp_lat, cluster)
                     for i in layers for kind, size in host.tp_calls(cfg, i, sp, mode == "full"))
-    tp_comm = tp_blocks / pp + sum(_collective(kind, sizes[size], tp, tp_bw, tp_lat, call)
+    tp_comm = tp_blocks / pp + sum(_collective(kind, sizes[size], tp, tp_bw, tp_lat, cluster)
                                    for kind, size in host.tp_outside_calls(sp))
 
     # Context parallelism: four all-to-alls of q, k, v and the output per attention layer in forward, four in
@@ -211,13 +227,14 @@ def step_time(cfg: ModelConfig, layout: Layout, cluster: ClusterConfig, *, zero_
     qkvo = elem * tokens * cfg.resolved_head_dim * (2 * cfg.n_heads + 2 * kv_heads) / tp
     cp_calls = attention_layers * (8 + (4 if mode == "full" else 0)) + mamba_layers * 4
     cp_per_micro = 0.0 if cp == 1 else (
-        attention_layers * (2 + (1 if mode == "full" else 0)) * all_gather(qkvo, cp, cp_bw, cp_lat)
+        attention_layers * (2 + (1 if mode == "full" else 0)) * _collective("all_to_all", qkvo, cp, cp_bw, cp_lat,
+                                                                               cluster, calls=0)
         + mamba_layers * 4 * cp_lat + cp_calls * call)
 
     ep_bw, ep_lat = _link(cluster, tp, ep)
     moe_layers = sum(cfg.is_moe_layer(i) for i in layers) / pp
     ep_comm = moe_layers * 4 * _collective("all_to_all", elem * tokens * cfg.top_k * cfg.d_model, ep, ep_bw,
-                                           ep_lat, call)
+                                           ep_lat, cluster)
 
     pp_bw, pp_lat = _link(cluster, tp * cp * dp, pp)
     p2p = 0.0 if pp == 1 else 2 * (act / (tp if sp else 1) / pp_bw + pp_lat + call)
@@ -235,8 +252,8 @@ def step_time(cfg: ModelConfig, layout: Layout, cluster: ClusterConfig, *, zero_
 
     def dp_op(kind: str, count: float = 1.0) -> float:  # one collective of every parameter, in buckets
         calls = math.ceil(dense / zero_buckets(cfg).reduce) if zero_stage else 1
-        return count * (_collective(kind, elem * dense, dp * cp, dp_bw, dp_lat, calls * call)
-                        + _collective(kind, elem * expert, edp, edp_bw, edp_lat, call))
+        return count * (_collective(kind, elem * dense, dp * cp, dp_bw, dp_lat, cluster, calls)
+                        + _collective(kind, elem * expert, edp, edp_bw, edp_lat, cluster))
 
     if zero_stage <= 1:  # one reduction of the accumulated gradients per step (ZeRO-1 then gathers: same volume)
         per_micro, per_step = 0.0, dp_op("all_reduce")
