@@ -88,17 +88,23 @@ def collective_costs(latency: float, bandwidth: float) -> dict[str, float]:
     act = 2**16 // world  # 256 KiB gathered
     x, full = torch.ones(act), torch.ones(act * world)
     a, b = torch.randn(256, 256), torch.randn(256, 256)
-    calls = 16
+    calls = 32
 
-    def loop(communicate: bool) -> None:
+    def loop(communicate: bool) -> float:
+        dist.barrier()
+        start = time.perf_counter()
         for i in range(calls):
             a @ b
             if communicate and i % 2:
                 dist.reduce_scatter_tensor(x, full)
             elif communicate:
                 dist.all_gather_into_tensor(full, x)
+        return time.perf_counter() - start
 
-    per_call = (timed(lambda: loop(True), repeats=7, sync=True) - timed(lambda: loop(False), repeats=7, sync=True)) / calls
+    loop(True)
+    # Paired runs, the median difference: the figure is noisy on a shared machine, the pairing cancels slow phases.
+    diffs = sorted(loop(True) - loop(False) for _ in range(11))
+    per_call = diffs[len(diffs) // 2] / calls
     ring_time = (world - 1) / world * act * world * 4 * slowdown / bandwidth + (world - 1) * latency
     return {"collective_overhead_s": max(0.0, per_call - ring_time), "gather_scatter_slowdown": slowdown}
 
