@@ -104,12 +104,7 @@ http {{
         return sum(int(ln.split()[1]) for ln in lines if ln.startswith("2"))
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        _stop(self.proc)
 
 
 class MotoS3:
@@ -139,12 +134,16 @@ class MotoS3:
         return f"s3://{bucket}/{prefix}"
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        _stop(self.proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def in_child(fn: Callable[..., Any], *args: Any) -> dict[str, Any]:
