@@ -33,6 +33,8 @@ from pathlib import Path
 
 import fsspec
 
+from data.remote import is_url
+
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 PARQUET_SUFFIXES = (".parquet",)
 RECORD_SUFFIXES = JSONL_SUFFIXES + PARQUET_SUFFIXES
@@ -40,10 +42,6 @@ _COMPRESSED = (".gz", ".zst")
 _PARQUET_BATCH_ROWS = 1024  # rows decoded at a time within a row group
 # A fresh fsspec filesystem per use: a cached one keeps the endpoint and credentials of when it was made.
 _FRESH = {"skip_instance_cache": True}
-
-
-def is_url(path: str | Path) -> bool:
-    return isinstance(path, str) and "://" in path
 
 
 @dataclass(frozen=True)

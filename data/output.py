@@ -19,7 +19,7 @@ from typing import Self
 
 import fsspec
 
-from data.inputs import is_url
+from data.remote import is_url
 from data.source import INDEX_NAME
 
 

@@ -34,8 +34,8 @@ import fsspec
 import numpy as np
 
 from data.corpus import Document, InputFile, iter_document_ids, iter_documents
-from data.inputs import is_url
 from data.output import join
+from data.remote import is_url
 from data.shard_hash import FORMAT_VERSION, READABLE_FORMAT_VERSIONS, add_digests
 from data.source import INDEX_NAME
 from data.tokenizer import Tokenizer

@@ -64,7 +64,13 @@ class FetchFailed(DataReadError):
 
 
 def is_url(path: str | os.PathLike) -> bool:
-    return isinstance(path, str) and ("://" in path or path.startswith("pipe:"))
+    """A URL fsspec opens (``scheme://...``), not a local path."""
+    return isinstance(path, str) and "://" in path
+
+
+def is_remote_source(path: str | os.PathLike) -> bool:
+    """A training source read through `Remote`: a URL, or a ``pipe:`` command."""
+    return is_url(path) or (isinstance(path, str) and path.startswith("pipe:"))
 
 
 def check_url(url: str) -> str | None:

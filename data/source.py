@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from data.remote import DataReadError, FetchSettings, Remote, ShardCache, is_url, local_path
+from data.remote import DataReadError, FetchSettings, Remote, ShardCache, is_remote_source, local_path
 from data.source_fetch import FetchingSource, Refused
 
 INDEX_NAME = "index.json"
@@ -81,7 +81,7 @@ class TokenSource(FetchingSource):
         if on_error not in ON_ERROR_CHOICES:
             raise DataConfigError("data.on_error", f"{on_error!r} must be {' or '.join(ON_ERROR_CHOICES)}")
         path = local_path(path) if isinstance(path, str) else path
-        self.remote = Remote(path, fetch or FetchSettings()) if is_url(path) else None
+        self.remote = Remote(path, fetch or FetchSettings()) if is_remote_source(path) else None
         self.path: Any = self.remote.url if self.remote else Path(path)
         self.split, self.on_error = split, on_error
         index_bytes = self.remote.cat(INDEX_NAME) if self.remote else (self.path / INDEX_NAME).read_bytes()

@@ -41,7 +41,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from data.remote import DataReadError, FetchSettings, check_url, is_url, local_path
+from data.remote import DataReadError, FetchSettings, check_url, is_remote_source, local_path
 from data.sampler import MAX_INDEX, MAX_SOURCES, MIX_BLOCK, MixtureSampler, decode_sample_id, largest_remainder
 from data.source import INDEX_NAME, ON_ERROR_CHOICES, DataConfigError, TokenSource, prepare_hint
 
@@ -119,7 +119,7 @@ class DataConfig:
             key = f"{prefix}.sources[{i}]"
             if not np.isfinite(src.weight) or src.weight <= 0:
                 raise DataConfigError(f"{key}.weight", f"{src.weight} must be a positive number")
-            if is_url(src.path) and not src.path.startswith("file://"):
+            if is_remote_source(src.path) and not src.path.startswith("file://"):
                 if (problem := check_url(src.path)) is not None:
                     raise DataConfigError(f"{key}.path", problem)
                 continue  # index.json is fetched when the source opens
@@ -161,7 +161,7 @@ class GlobalBatchLoader:
         self.seq_len, self.global_batch_size = seq_len, global_batch_size
         self.micro_batch_size, self.dp_rank, self.dp_size = micro_batch_size, dp_rank, dp_size
         self.grad_accum_steps = global_batch_size // (micro_batch_size * dp_size)
-        remote = sum(is_url(s.path) for s in cfg.sources)  # they share the node's cache
+        remote = sum(is_remote_source(s.path) for s in cfg.sources)  # they share the node's cache
         self.sources = [TokenSource(s.path, split, f"data.sources[{i}].path", cfg.on_error, cfg.fetch, 1 / max(1, remote))
                         for i, s in enumerate(cfg.sources)]
         for i, src in enumerate(self.sources):

@@ -19,7 +19,6 @@ model file records only the basename of ``--out``, so its hash does not depend o
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -29,6 +28,7 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
 from data.corpus import InputFile, corpus_inputs, expand_inputs, is_code_corpus, iter_documents
+from data.remote import sha256_file
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 NEWLINE_PIECE = "\n"
@@ -49,21 +49,13 @@ def model_path_for(out: str | Path) -> Path:
     return out.with_name(out.name + ".model")
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 class Tokenizer:
     """A loaded sentencepiece model with the ids and batch encoding the data pipeline needs."""
 
     def __init__(self, processor: spm.SentencePieceProcessor, path: Path):
         self._sp = processor
         self.path = path
-        self.sha256 = file_sha256(path)
+        self.sha256 = sha256_file(Path(path))
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:

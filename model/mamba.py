@@ -128,6 +128,12 @@ def _chunk_states(
         prev = h_t
 
 
+def scan_chunk_length(batch: int, seq_len: int, d_state: int, d_inner: int, chunk_size: int) -> int:
+    """Time steps per chunk of the chunked scan: ``chunk_size``, fewer when a chunk's state buffers would exceed
+    ``CHUNK_ELEMENTS`` (and never more than the sequence)."""
+    return max(1, min(chunk_size, seq_len, CHUNK_ELEMENTS // max(1, batch * d_state * d_inner)))
+
+
 class _SelectiveScanCore(torch.autograd.Function):
     """y_t = <h_t, C_t> with h_t = exp(delta_t * A) * h_{t-1} + du_t * B_t, hand-written backward.
 
@@ -153,7 +159,7 @@ class _SelectiveScanCore(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor]:
         batch, seq_len, d_inner = delta.shape
         n = A.shape[1]
-        chunk = max(1, min(chunk_size, seq_len, CHUNK_ELEMENTS // max(1, batch * n * d_inner)))
+        chunk = scan_chunk_length(batch, seq_len, n, d_inner, chunk_size)
         A2_t = A.t().contiguous() * LOG2_E
         starts = range(0, seq_len, chunk)
         entering = delta.new_zeros(len(starts), batch, n, d_inner)

@@ -173,14 +173,15 @@ class _SendState(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, state: Tensor, group: Any) -> Tensor:  # type: ignore[override]
-        ctx.group, ctx.like = group, torch.empty_like(state)
+        ctx.group, ctx.shape, ctx.dtype = group, state.shape, state.dtype
         if not _recomputing():
             _exchange(state, _peer(group, +1), state, None)
         return state.new_zeros(())
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        return _exchange(None, None, ctx.like, _peer(ctx.group, +1)), None
+        like = grad.new_empty(ctx.shape, dtype=ctx.dtype)
+        return _exchange(None, None, like, _peer(ctx.group, +1)), None
 
 
 class ContextParallelMamba:
@@ -188,6 +189,7 @@ class ContextParallelMamba:
 
     cp_group: Any
     cp_recompute: bool  # whether the block recomputes its forward in backward (activation checkpointing)
+    cp_received: dict[str, _Received]  # "conv" and "state", from the previous rank
     d_conv: int
     chunk_size: int
     D: nn.Parameter
@@ -196,20 +198,16 @@ class ContextParallelMamba:
     def _keep(self) -> bool:
         return self.cp_recompute and torch.is_grad_enabled() and self.training  # type: ignore[attr-defined]
 
-    def _received(self, kind: str) -> _Received:
-        store = self.__dict__.setdefault("_cp_received", {})
-        return store.setdefault(kind, _Received())
-
     def _causal_conv(self, x: Tensor, past: Tensor | None = None) -> Tensor:
         tail = x[:, x.shape[1] - (self.d_conv - 1):]
-        past = _ShiftForward.apply(tail, self.cp_group, self._received("conv"), self._keep())
+        past = _ShiftForward.apply(tail, self.cp_group, self.cp_received["conv"], self._keep())
         return super()._causal_conv(x, past)  # type: ignore[misc]
 
     def _scan(self, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, z: Tensor) -> Tensor:
         group = self.cp_group
         first, last = _peer(group, -1) is None, _peer(group, +1) is None
         like = u.new_empty(u.shape[0], u.shape[1], A.shape[1], dtype=torch.float32)
-        h0 = None if first else _ReceiveState.apply(A, like, group, self._received("state"), self._keep())
+        h0 = None if first else _ReceiveState.apply(A, like, group, self.cp_received["state"], self._keep())
         y, h_last = selective_scan_chunked(
             u, delta, A, B, C, self.D.float(), z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
             chunk_size=self.chunk_size, initial_state=h0, return_final_state=True,
@@ -258,6 +256,7 @@ def apply_context_parallel(model: nn.Module, group: Any, cp_rank: int, cp: int) 
         elif isinstance(block.mixer, MambaMixer):
             _switch(block.mixer, ContextParallelMamba, group)
             block.mixer.cp_recompute = block.activation_checkpointing != "none"
+            block.mixer.cp_received = {"conv": _Received(), "state": _Received()}
         if isinstance(block.ffn, MoE):
             _switch(block.ffn, ContextParallelRouting, group)
     base = model.rope_tables

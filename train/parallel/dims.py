@@ -128,8 +128,7 @@ def validate_layout(parallel: Any, model: ModelConfig, world_size: int) -> Layou
     Called from ``ParallelConfig.validate`` when the run config is built, before any process group exists, so a
     layout that cannot work fails in a second with the sizes involved and the setting to change.
     """
-    tp, pp, ep, zero = parallel.tp, parallel.pp, parallel.ep, parallel.zero_stage
-    cp = getattr(parallel, "cp", 1)
+    tp, pp, ep, cp, zero = parallel.tp, parallel.pp, parallel.ep, parallel.cp, parallel.zero_stage
     _check(zero in (0, 1, 2, 3), "parallel.zero_stage", f"got {zero}; DeepSpeed ZeRO has stages 0-3 (parallel=zero0..zero3)")
     for key, size in (("tp", tp), ("pp", pp), ("ep", ep), ("cp", cp)):
         _check(isinstance(size, int) and size >= 1, f"parallel.{key}", f"must be an integer >= 1, got {size!r}")
@@ -142,9 +141,6 @@ def validate_layout(parallel: Any, model: ModelConfig, world_size: int) -> Layou
         f"of {model_split} ranks or change parallel.tp/parallel.cp/parallel.pp",
     )
     dp = world_size // model_split
-
-    if cp > 1:
-        _check_context_parallel(model, tp, cp, ep)
 
     if tp > 1:
         _check_tensor_parallel(model, tp)
@@ -185,13 +181,15 @@ def validate_layout(parallel: Any, model: ModelConfig, world_size: int) -> Layou
             f"expert parallelism (ep={ep}) works with ZeRO stages 0-2 (DeepSpeed's ZeRO-3 does not partition expert "
             f"groups: docs/parallelism.md); got zero_stage={zero}: use parallel.zero_stage=2 or parallel.ep=1",
         )
+    if cp > 1:
+        _check_context_parallel(model, tp, cp, ep)
     return Layout(world=world_size, dp=dp, tp=tp, pp=pp, ep=ep, rank=0, cp=cp)
 
 
 def _check_context_parallel(model: ModelConfig, tp: int, cp: int, ep: int) -> None:
     """Attention scatters whole heads over the CP ranks (all-to-all, `train.parallel.cp`); routing statistics are
     averaged over the sequence's parts, which capacity-based token dropping cannot be."""
-    heads = model.n_heads // tp if model.n_heads % tp == 0 else model.n_heads
+    heads = model.n_heads // tp  # tp divides the heads (checked before)
     _check(
         heads % cp == 0,
         "parallel.cp",

@@ -14,8 +14,7 @@ for a small model they are most of the step. So the planner counts, per micro-ba
 The operator counts are the trainer's own model code, counted with a ``TorchDispatchMode`` over one block's forward
 and backward (tests/test_plan.py recounts them against the live model): an attention block with RoPE and a SwiGLU
 feed-forward dispatches 79 operators forward and 140 backward, whatever the tensor sizes. The Mamba mixer's chunked
-scan dispatches a fixed number per position and per chunk (``mamba_chunk_size`` positions, fewer when the chunk's
-state buffers would outgrow `model.mamba.CHUNK_ELEMENTS`); the fused LM head and loss a fixed
+scan dispatches a fixed number per position and per chunk (`model.mamba.scan_chunk_length` positions); the fused LM head and loss a fixed
 number per chunk of ``loss_chunk_tokens`` tokens (its backward is computed in its forward).
 """
 
@@ -24,7 +23,7 @@ from __future__ import annotations
 import math
 
 from model.config import ModelConfig
-from model.mamba import CHUNK_ELEMENTS
+from model.mamba import scan_chunk_length
 
 # (forward, backward) operators, counted as described above.
 ATTENTION_BLOCK = (79, 140)  # norm, attention with RoPE, residual, norm, SwiGLU, residual
@@ -53,8 +52,9 @@ def block_ops(cfg: ModelConfig, layer: int, seq_len: int, micro_batch: int = 1, 
         if not cfg.use_rope:
             fwd, bwd = fwd - ROPE[0], bwd - ROPE[1]
     else:
-        state = micro_batch * cfg.mamba_d_state * max(1, cfg.mamba_d_inner // tp)
-        chunks = math.ceil(seq_len / max(1, min(cfg.mamba_chunk_size, seq_len, CHUNK_ELEMENTS // state)))
+        chunk = scan_chunk_length(micro_batch, seq_len, cfg.mamba_d_state, max(1, cfg.mamba_d_inner // tp),
+                                  cfg.mamba_chunk_size)
+        chunks = math.ceil(seq_len / chunk)
         fwd = MAMBA_BLOCK_FIXED[0] + chunks * MAMBA_PER_CHUNK[0] + seq_len * MAMBA_PER_STEP[0]
         bwd = MAMBA_BLOCK_FIXED[1] + chunks * MAMBA_PER_CHUNK[1] + seq_len * MAMBA_PER_STEP[1]
     if cfg.is_moe_layer(layer):
