@@ -85,21 +85,31 @@ def assert_gradients_match(got: dict[str, torch.Tensor], want: dict[str, torch.T
         assert err <= rel * float(ref.abs().max()) + 1e-12, (name, err, float(ref.abs().max()))
 
 
-def assert_losses_match(run_dir: Path, want: list[dict[str, float]], rel: float = 1e-5) -> None:
-    """The trainer's logged loss and ce_loss at every step within ``rel`` of the reference's, aux_loss within ``rel``
-    of the loss (it is small, so relative to itself would ask for more than fp32 sums give)."""
+def assert_losses_match(run_dir: Path, want: list[dict[str, float]], rel: float = 1e-5,
+                        floor: list[float] | None = None) -> None:
+    """The trainer's logged loss and ce_loss at every step within ``rel`` of the reference's, plus 4x ``floor[step]``
+    where given (`References`: how far a one-ulp change of the weights moves the reference's own loss by that step);
+    aux_loss within the same bound of the loss (it is small, so relative to itself would ask for more than fp32
+    sums give)."""
     from tests.utils import read_metrics
 
     rows = {r["step"]: r for r in read_metrics(run_dir) if "ce_loss" in r}
     assert sorted(rows) == list(range(1, len(want) + 1)), sorted(rows)
+    drift = [f"{abs(rows[step]['loss'] / ref['loss'] - 1):.1e}" for step, ref in enumerate(want, start=1)]
     for step, ref in enumerate(want, start=1):
+        tol = rel + 4 * (floor[step - 1] if floor else 0.0)
         for key in ("loss", "ce_loss"):
-            assert abs(rows[step][key] - ref[key]) <= rel * abs(ref[key]), (step, key, rows[step][key], ref[key])
-        assert abs(rows[step]["aux_loss"] - ref["aux_loss"]) <= rel * abs(ref["loss"]), (step, rows[step])
+            assert abs(rows[step][key] - ref[key]) <= tol * abs(ref[key]), (
+                f"step {step} {key}: {rows[step][key]} vs {ref[key]}, tolerance {tol:.1e}; loss drift by step {drift}")
+        assert abs(rows[step]["aux_loss"] - ref["aux_loss"]) <= tol * abs(ref["loss"]), (step, rows[step])
 
 
 class References:
-    """`tests.reference.micro_batch_reference` of ``base`` per model, computed once per test module."""
+    """`tests.reference.micro_batch_reference` of ``base`` per model, computed once per test module, with its
+    rounding floor: per step, the running maximum of how far the reference's loss moves when every initial weight
+    is scaled by 1 +- 2**-23 (one ulp). Training amplifies rounding differences (an MoE token routed the other way
+    at a near tie; measured on moe_tiny: ~1e-7 for four steps, then up to ~1e-5 by step 8, dense ~3e-7), and no
+    layout, which sums in another order, can be held closer to the reference than the reference is to itself."""
 
     def __init__(self, base: list[str], steps: int) -> None:
         self.base, self.steps, self.done = base, steps, {}
@@ -108,7 +118,15 @@ class References:
         if model not in self.done:
             from tests.reference import micro_batch_reference
 
-            self.done[model] = micro_batch_reference([*self.base, f"model={model}"], self.steps)
+            overrides = [*self.base, f"model={model}"]
+            losses, grads = micro_batch_reference(overrides, self.steps)
+            floor, worst = [], 0.0
+            twins = [micro_batch_reference(overrides, self.steps, weight_scale=1 + sign * 2**-23)[0]
+                     for sign in (1, -1)]
+            for step, ref in enumerate(losses):
+                worst = max([worst, *(abs(twin[step]["loss"] / ref["loss"] - 1) for twin in twins)])
+                floor.append(worst)
+            self.done[model] = (losses, grads, floor)
         return self.done[model]
 
 
@@ -119,11 +137,11 @@ def check_layout(overrides: list[str], ranks: int, reference: tuple, out_dir: Pa
     from tests.forklaunch import fork_call
     from tests.utils import child_env, run_train
 
-    want, want_grads = reference
+    want, want_grads, *floor = reference
     fork_call(step_one_gradients, (overrides, str(out_dir)), ranks, child_env())
     assert_gradients_match(assemble(out_dir), want_grads, rel)
     run_dir = out_dir / "run"
     proc = run_train([*overrides, f"run_dir={run_dir}"], nproc=ranks, fork=fork)
     assert f"world {ranks}" in proc.stdout
-    assert_losses_match(run_dir, want, rel)
+    assert_losses_match(run_dir, want, rel, floor[0] if floor else None)
     return proc.stdout

@@ -22,16 +22,21 @@ def run_config(overrides: list[str], world_size: int = 1):
     return build_run_config(OmegaConf.to_container(cfg, resolve=True), world_size=world_size)
 
 
-def micro_batch_reference(overrides: list[str], steps: int, keep_model: dict | None = None,
+def micro_batch_reference(overrides: list[str], steps: int, keep_model: dict | None = None, weight_scale: float = 1.0,
                           ) -> tuple[list[dict[str, float]], dict[str, torch.Tensor]]:
     """Plain PyTorch, one process, the trainer's micro-batches one after another with gradient accumulation (the
     MoE aux loss is a per-micro-batch statistic, so this is what "the same as one rank" means for MoE models), torch
     AdamW and clipping with the norm summed in float64 (torch's float32 norm of the 1M-entry embedding gradient is
     off by ~2e-5 relative on CPU). Returns per step ce/aux/loss/grad_norm, and the gradients of the first step;
-    ``keep_model["model"]`` receives the trained model."""
+    ``keep_model["model"]`` receives the trained model; ``weight_scale`` multiplies the initial weights (1 + one
+    ulp: how far rounding alone moves the trajectory)."""
     run = run_config(overrides)
     torch.manual_seed(run.train.seed)
     model = Transformer(run.model)
+    if weight_scale != 1.0:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(weight_scale)
     opt = build_optimizer(model, run.optim)
     sched = build_scheduler(opt, run)
     loader = GlobalBatchLoader(

@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 
 from model.config import ModelConfig
 from model.moe import MoE
+from tests.parallel_check import assert_gradients_match
 from tests.utils import REPO, TINY, free_port, run_train, start_from_checkpoint
 
 E, K, D, FFN = 4, 2, 16, 24
@@ -127,7 +128,7 @@ def _check_engine_gradients(rank: int, world: int, model_name: str, groups) -> N
         if name.rsplit(".", 1)[-1] in ("w1", "w2", "w3"):
             local = expected.shape[0] // 2
             expected = expected[rank * local:(rank + 1) * local]
-        torch.testing.assert_close(got[name].grad, expected, rtol=1e-5, atol=1e-8, msg=lambda m, n=name: f"{n}: {m}")
+        assert_gradients_match({name: got[name].grad}, {name: expected})
 
 
 def _worker(rank: int, world: int, port: int, cases: dict[str, dict], grad_models: list[str], errors) -> None:
