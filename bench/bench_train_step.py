@@ -5,9 +5,11 @@
 
 For each family (dense = LlamaForCausalLM, moe = MixtralForCausalLM, hybrid = JambaForCausalLM) the tiny config
 is resized (--d-model, --layers, --ffn-hidden), both models get the same weights (`model.convert`) and each
-trains with a plain loop: forward with labels, backward, clip at 1.0, AdamW. The steps are interleaved (one of
-each per repeat, after warm-up), so load on the machine hits both alike; the table shows median seconds per step,
-tokens/s, MFU and the median of the per-repeat ratios (reference time / ours: > 1 means ours is faster).
+trains with a plain loop: forward with labels, backward, clip at 1.0, AdamW (torch's default, then the trainer's
+fused AdamW on both sides: "transformers, fused" against "ours, fused AdamW" compares the models alone). The steps
+are interleaved (one of each per repeat, after warm-up), so load on the machine hits both alike; the table shows
+median seconds per step, tokens/s, MFU and the medians of the per-repeat ratios against transformers with torch's
+AdamW and with the fused one (reference time / ours: > 1 means ours is faster).
 On CUDA both run under bf16 autocast; on CPU in fp32.
 """
 
@@ -27,6 +29,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from launch.allocator import ALLOCATORS, active_allocator, reexec_under
 from model.config import ModelConfig
 from model.convert import config_to_hf, state_dict_to_hf
 from model.flops import flops_per_token
@@ -97,6 +100,11 @@ def bench_family(family: str, args: argparse.Namespace, device: torch.device) ->
     # transformers shifts the labels itself: same inputs, T-1 scored positions.
     steps = [("transformers", train_step(hf, lambda: hf(input_ids=x, labels=x).loss, device)),
              ("ours", train_step(ours, lambda: ours(x, labels=y).loss, device))]
+    # The same fused optimizer on both sides: what is left between these two rows is the model alone.
+    hf_fused = AutoModelForCausalLM.from_config(config_to_hf(cfg), attn_implementation="sdpa").to(device)
+    hf_fused.load_state_dict(hf.state_dict())
+    steps.append(("transformers, fused", train_step(hf_fused, lambda: hf_fused(input_ids=x, labels=x).loss, device,
+                                                    True)))
     trainer_opt = Transformer(cfg).to(device)
     trainer_opt.load_state_dict(ours.state_dict())
     steps.append(("ours, fused AdamW", train_step(trainer_opt, lambda: trainer_opt(x, labels=y).loss, device, True)))
@@ -125,7 +133,11 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="also time our model with model.compile.compile_blocks "
                    "(and the trainer's fused AdamW)")
     p.add_argument("--peak-flops", type=float, default=None)
+    p.add_argument("--allocator", choices=ALLOCATORS, default="auto",
+                   help="host allocator of this process, both models alike (launch/allocator.py); default auto, as "
+                        "the launchers: tcmalloc on CPU where installed")
     args = p.parse_args()
+    reexec_under(args.allocator)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -133,18 +145,22 @@ def main() -> None:
     tokens_per_step = args.batch * args.seq_len
     print(f"d_model {args.d_model}, {args.layers} layers, ffn {args.ffn_hidden}, seq {args.seq_len}, batch "
           f"{args.batch} on {device.type} ({'bf16 autocast' if device.type == 'cuda' else 'fp32'}), "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}, {args.repeats} interleaved repeats")
-    print(f"{'family':<8}{'loop':<20}{'s/step':>9}{'tokens/s':>10}{'MFU':>8}{'vs transformers':>17}")
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}, {active_allocator()} allocator, "
+          f"{args.repeats} interleaved repeats")
+    print(f"{'family':<8}{'loop':<20}{'s/step':>9}{'tokens/s':>10}{'MFU':>8}{'vs transformers':>17}"
+          f"{'vs transformers, fused':>24}")
     for family in args.families:
         rows = bench_family(family, args, device)
         cfg = family_config(family, args.d_model, args.layers, args.ffn_hidden, args.seq_len)
         fpt = flops_per_token(cfg, args.seq_len)
-        reference = rows[0][1]
+        reference, fused_reference = rows[0][1], dict(rows)["transformers, fused"]
         for name, times in rows:
             sec = statistics.median(times)
-            ratio = statistics.median(r / t for r, t in zip(reference, times, strict=True))
+            ratio, fused_ratio = (statistics.median(r / t for r, t in zip(ref, times, strict=True))
+                                  for ref in (reference, fused_reference))
             tps = tokens_per_step / sec
-            print(f"{family:<8}{name:<20}{sec:>9.4f}{tps:>10.0f}{100 * tps * fpt / peak:>7.2f}%{ratio:>16.2f}x")
+            print(f"{family:<8}{name:<20}{sec:>9.4f}{tps:>10.0f}{100 * tps * fpt / peak:>7.2f}%{ratio:>16.2f}x"
+                  f"{fused_ratio:>23.2f}x")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ Per rank: parameter, gradient, optimizer (moments + fp32 master) and bucket byte
 after the last backward of a step (each storage once: ZeRO's flat buffers alias the parameters, and in fp32 its
 ZeRO-3 master partition is the parameter partition), the bytes one micro-batch saves for backward (saved-tensor
 hooks, parameters excluded), the baseline RSS (after imports, before the model) and the peak RSS above it (VmHWM,
-reset at the start of the rank). Two steps run; the second is the one measured.
+reset at the start of the rank). Two steps run; the second is the one measured. The ranks run under the allocator
+the launchers give training (`--allocator`, default auto: tcmalloc where installed; launch/allocator.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from launch.allocator import ALLOCATORS, active_allocator, reexec_under
 
 LINES = ("parameters", "gradients", "optimizer", "master", "buckets")
 
@@ -267,11 +270,14 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=1)
     ap.add_argument("--layouts", nargs="+", default=["zero0", "zero1", "zero2", "zero3", "tp2"])
     ap.add_argument("--checkpointing", default=None, help="model.activation_checkpointing (default: the model's)")
+    ap.add_argument("--allocator", choices=ALLOCATORS, default="auto",
+                    help="host allocator of the ranks, as `python -m launch.run --allocator` (default: auto)")
     args = ap.parse_args()
+    reexec_under(args.allocator)  # the ranks are forked from this process: it must run under their allocator
     warm_up()
     mb = 1 << 20
-    print(f"{args.model}, seq {args.seq_len}, micro-batch {args.micro_batch}, 2 ranks, fp32; MiB per rank "
-          "(measured / train.memory)")
+    print(f"{args.model}, seq {args.seq_len}, micro-batch {args.micro_batch}, 2 ranks, fp32, {active_allocator()} "
+          "allocator; MiB per rank (measured / train.memory)")
     header = (f"{'layout':8s} {'rank':>4s} {'params':>15s} {'grads':>15s} {'optim+master':>15s} {'buckets':>15s} "
               f"{'activations':>15s} {'transient':>9s} {'other':>6s} {'baseline':>8s} {'build pk':>8s} {'peak-base':>9s}")
     print(header)

@@ -24,6 +24,10 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from launch.allocator import allocator_env
+
 BASE = ["model=dense_tiny", "data=sample", "logging=none", "logging.log_every=1", "train.seq_len=256",
         "train.micro_batch_size=2", "train.global_batch_size=16", "train.eval_batches=1", "sched.warmup_steps=2",
         "train.ckpt_every=1000"]
@@ -43,7 +47,8 @@ def run(name: str, overrides: list[str], steps: int) -> tuple[float, float]:
     with tempfile.TemporaryDirectory(prefix=f"plan_check_{name}") as tmp:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "train",
                *BASE, *overrides, f"train.steps={steps}", f"run_dir={tmp}/run"]
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+        # The allocator `python -m launch.run` gives CPU runs (and `train.plan calibrate` measures under).
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **allocator_env("auto"))
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")

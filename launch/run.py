@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from launch.allocator import ALLOCATORS, allocator_env
 from launch.env import available_cpus, expand_hostlist, master_port_for_job
 
 Launcher = Literal["torchrun", "deepspeed", "srun"]
@@ -51,6 +52,7 @@ class LaunchSpec:
     shutdown_timeout_s: int = 600  # how long torchrun waits for workers to save before it SIGKILLs them
     hostfile: str = ""  # where the deepspeed hostfile goes (multi-node); a temp path if empty
     master_pinned: bool = False  # srun: export MASTER_ADDR/PORT to the tasks instead of letting them derive them
+    allocator_env: tuple[tuple[str, str], ...] = ()  # LD_PRELOAD etc. of the host allocator (launch.allocator)
 
     def __post_init__(self) -> None:
         if self.launcher not in LAUNCHERS:
@@ -109,7 +111,7 @@ def torchrun_plan(spec: LaunchSpec) -> LaunchPlan:
     argv += ["--max_restarts", "0", "--signals_to_handle", TORCHRUN_SIGNALS,
              "--shutdown_timeout", str(spec.shutdown_timeout_s)]
     # torchrun would force OMP_NUM_THREADS=1 when it starts several workers; give each its share of the CPUs.
-    env = {"OMP_NUM_THREADS": str(spec.omp_threads)}
+    env = {"OMP_NUM_THREADS": str(spec.omp_threads), **dict(spec.allocator_env)}
     return LaunchPlan(argv + _train_args(spec), env)
 
 
@@ -128,7 +130,7 @@ def deepspeed_plan(spec: LaunchSpec) -> LaunchPlan:
     # taken for a Hydra override and rejected.
     argv += ["--no_local_rank", "--module", spec.module, *spec.overrides]
     # The deepspeed launcher sets no OMP_NUM_THREADS; without it each rank would start one thread per core.
-    return LaunchPlan(argv, {"OMP_NUM_THREADS": str(spec.omp_threads)}, files)
+    return LaunchPlan(argv, {"OMP_NUM_THREADS": str(spec.omp_threads), **dict(spec.allocator_env)}, files)
 
 
 def srun_plan(spec: LaunchSpec) -> LaunchPlan:
@@ -141,6 +143,7 @@ def srun_plan(spec: LaunchSpec) -> LaunchPlan:
     # Each task finds its rank, the first host and a port from its SLURM variables through
     # launch.env.setup_distributed_env_from_slurm (called by the trainer), unless they are pinned here.
     env = {"MASTER_ADDR": spec.master_addr, "MASTER_PORT": str(spec.master_port)} if spec.master_pinned else {}
+    env |= dict(spec.allocator_env)  # srun exports the environment to its tasks
     return LaunchPlan(argv + [spec.python, "-u", *_train_args(spec)], env)
 
 
@@ -196,6 +199,7 @@ def spec_from_args(args: argparse.Namespace, overrides: Sequence[str], environ: 
         shutdown_timeout_s=args.shutdown_timeout,
         hostfile=args.hostfile or "",
         master_pinned=bool(args.master_addr and args.master_port),
+        allocator_env=tuple(allocator_env(args.allocator, environ, on_gpu=use_gpus).items()),
     )
 
 
@@ -219,6 +223,9 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--module", default="train", help="python module to run (default: train)")
     parser.add_argument("--shutdown-timeout", type=int, default=600,
                         help="seconds torchrun waits for workers to checkpoint after a signal before SIGKILL")
+    parser.add_argument("--allocator", choices=ALLOCATORS, default="auto",
+                        help="host memory allocator of the ranks (launch/allocator.py); auto: tcmalloc on CPU when "
+                             "installed, else glibc's malloc")
     parser.add_argument("--dry-run", action="store_true", help="print the command and exit")
     return parser.parse_args(own), overrides
 

@@ -6,6 +6,7 @@ launcher with a generated hostfile, must reproduce the losses of `torchrun --npr
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+import launch.allocator
+from launch.allocator import AllocatorError, allocator_env, find_library, preloaded
 from launch.env import (
     DistributedEnv,
     expand_hostlist,
@@ -239,6 +242,53 @@ def test_submitit_job_sets_up_torch_distributed(tmp_path: Path, monkeypatch: pyt
     assert len({r["MASTER_PORT"] for r in reports}) == 1
 
 
+# ---- launch.allocator -----------------------------------------------------------------------------------------
+
+TCMALLOC = find_library("tcmalloc")
+needs_tcmalloc = pytest.mark.skipif(TCMALLOC is None, reason="libtcmalloc-minimal4 is not installed (make installs "
+                                    "it on a root Debian machine: scripts/install_tcmalloc.sh)")
+
+
+def test_allocator_choice_rules(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert allocator_env("system", {}) == {}
+    assert allocator_env("auto", {}, on_gpu=True) == {}  # GPU runs keep the system's unless one is named
+    kept = {"LD_PRELOAD": "/opt/lib/libjemalloc.so.2"}
+    assert preloaded(kept) == "jemalloc" and allocator_env("tcmalloc", kept) == {}  # the user's choice stands
+    with pytest.raises(AllocatorError, match="unknown allocator 'mimalloc'"):
+        allocator_env("mimalloc", {})
+    monkeypatch.setitem(launch.allocator.LIBRARIES, "jemalloc", ("libjemalloc-absent.so.9",))
+    with pytest.raises(AllocatorError) as error:
+        allocator_env("jemalloc", {})
+    assert "\n" not in str(error.value) and "apt-get install libjemalloc2" in str(error.value)
+    assert "--allocator system" in str(error.value)
+    assert allocator_env("auto", {}) == ({} if TCMALLOC is None else allocator_env("tcmalloc", {}))
+
+
+@needs_tcmalloc
+def test_allocator_env_preloads_tcmalloc_into_the_command() -> None:
+    env = allocator_env("auto", {"LD_PRELOAD": "libfoo.so"})
+    assert env["LD_PRELOAD"] == f"{TCMALLOC}:libfoo.so"
+    probe = "from launch.allocator import active_allocator; print(active_allocator())"
+    base = {k: v for k, v in child_env().items() if k != "LD_PRELOAD"}
+    for choice, expected in (("auto", "tcmalloc"), ("system", "system")):
+        out = subprocess.run([PYTHON, "-m", "launch.allocator", "--allocator", choice, "--", PYTHON, "-c", probe],
+                             cwd=REPO, env=base, capture_output=True, text=True, check=True).stdout
+        assert out.strip() == expected
+
+
+@needs_tcmalloc
+def test_launchers_preload_tcmalloc_on_cpu_only(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    common = ("--nodes", "1", "--gpus-per-node", "2", "--master-port", "29501", "--")
+    for launcher in ("torchrun", "deepspeed", "srun"):
+        argv = _dry_run(capsys, "--launcher", launcher, "--device", "cpu", *common)
+        assert f"LD_PRELOAD={TCMALLOC}" in argv, launcher
+    assert not any(a.startswith("LD_PRELOAD=") for a in _dry_run(capsys, "--launcher", "torchrun", "--device", "gpu",
+                                                                  *common))
+    assert not any(a.startswith("LD_PRELOAD=") for a in _dry_run(
+        capsys, "--launcher", "torchrun", "--device", "cpu", "--allocator", "system", *common))
+
+
 # ---- the real trainer under each launcher --------------------------------------------------------------------
 
 def _launch(run_dir: Path, *launch_args: str) -> list[str]:
@@ -288,3 +338,12 @@ def test_two_torchrun_nodes_on_loopback_match_one_node(launched_runs: dict[str, 
 def test_deepspeed_launcher_on_two_nodes_matches_torchrun(launched_runs: dict[str, Path]) -> None:
     assert (launched_runs["root"] / "hostfile0").read_text() == "node-a slots=1\nnode-b slots=1\n"
     _assert_same_losses(launched_runs["deepspeed_2nodes"], launched_runs["one_node"])
+
+
+@pytest.mark.slow
+def test_launched_ranks_run_under_the_chosen_allocator(launched_runs: dict[str, Path]) -> None:
+    """Every launcher hands the allocator to the ranks (auto: tcmalloc on CPU where installed)."""
+    expected = "system" if TCMALLOC is None else "tcmalloc"
+    for name in ("one_node", "torchrun_2nodes", "deepspeed_2nodes"):
+        summary = json.loads((launched_runs[name] / "summary.json").read_text())
+        assert summary["host_allocator"] == expected, name

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from data.stream import DataReadError, GlobalBatchLoader
+from launch.allocator import active_allocator
 from model.flops import flops_per_token, param_counts
 from train.checkpoint import (
     CheckpointError,
@@ -185,10 +186,13 @@ def run(cfg: RunConfig, config_yaml: str) -> int:
         "plan/step_time_s": prediction.step_time_s, "plan/memory_per_gpu_gb": prediction.memory_per_gpu_gb,
         "plan/tokens_per_s_per_gpu": prediction.tokens_per_s_per_gpu, "plan/mfu": prediction.mfu}
     logger.log_extra(start_step, predicted)
+    # The host allocator moves CPU step times by ~1.3x (launch/allocator.py): said where runs are compared.
+    allocator = active_allocator()
     if is_main:
+        on = f"{device.type} ({allocator} allocator)" if device.type == "cpu" else device.type
         print(
             f"model {cfg.model.name}: {counts['total'] / 1e6:.2f}M params ({counts['active'] / 1e6:.2f}M active) | "
-            f"world {world} ({_layout_text(layout)}) | ZeRO-{cfg.parallel.zero_stage} | {precision} on {device.type} | "
+            f"world {world} ({_layout_text(layout)}) | ZeRO-{cfg.parallel.zero_stage} | {precision} on {on} | "
             f"global batch {cfg.train.global_batch_size} x {cfg.train.seq_len} tokens, grad accum {cfg.grad_accum_steps}",
             flush=True,
         )
@@ -319,6 +323,7 @@ def run(cfg: RunConfig, config_yaml: str) -> int:
                 predicted | measured | {
                     "model": cfg.model.name,
                     "family": cfg.model.family,
+                    "host_allocator": allocator,
                     "n_params": counts["total"],
                     "n_active_params": counts["active"],
                     "n_nonembedding_params": counts["nonembedding"],

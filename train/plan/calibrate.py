@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 
+from launch.allocator import ALLOCATORS, active_allocator, reexec_under
 from train.metrics import cpu_flops_per_cycle
 from train.plan.calibrate_host import collective_costs, op_overhead, timed, zero_param_costs
 from train.plan.cluster import CLUSTERS
@@ -109,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.plan calibrate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ranks", type=int, default=2, help="ranks per node the figures are for")
     parser.add_argument("--out", default=str(CLUSTER), help="cluster config to update")
+    parser.add_argument("--allocator", choices=ALLOCATORS, default="auto",
+                        help="host allocator to measure under: the launchers' (default auto; launch/allocator.py)")
     args = parser.parse_args(argv)
+    reexec_under(args.allocator)  # the host costs depend on it (~1.3x on CPU steps); the ranks inherit it
     measured = measure(args.ranks)
     path = Path(args.out)
     values = yaml.safe_load(path.read_text()) if path.is_file() else {"name": "cpu_local", "nodes": 1}
@@ -119,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     values["overlap_comm"] = False  # one thread per rank computes and makes every blocking gloo call
     header = ("# This machine, measured by `python -m train.plan calibrate` (one thread per rank, all ranks at once,\n"
               "# gloo over loopback); peak_flops is the cores' fp32 FMA peak, the efficiencies are what GEMMs and\n"
-              "# attention reach of it; op_overhead_s and the rest are the host's costs (train/plan/host.py).\n")
+              "# attention reach of it; op_overhead_s and the rest are the host's costs (train/plan/host.py).\n"
+              f"# Host allocator: {active_allocator()} (launch/allocator.py), as `python -m launch.run` gives runs.\n")
     path.write_text(header + yaml.safe_dump(values, sort_keys=False))
     for k, v in measured.items():
         print(f"{k:<24} {v}" if isinstance(v, list) else f"{k:<24} {v:.4g}")
