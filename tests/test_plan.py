@@ -204,6 +204,12 @@ def test_calibrate_measures_this_machine_into_a_cluster_config(tmp_path) -> None
     assert 0 < cluster.op_overhead_s < 1e-3 and cluster.collective_overhead_s >= 0
     assert cluster.zero_param_s >= 0 and cluster.zero3_param_s > 0 and cluster.gather_scatter_slowdown >= 1
     assert [d for d, _ in cluster.matmul_efficiency_by_dim] == [32, 64, 128, 256, 512, 1024]
+    # Fractions of a peak no GEMM beat: the nominal 2.5 GHz one, or the fastest GEMM where a core turbos above it.
+    from train.metrics import cpu_flops_per_cycle
+
+    assert cluster.peak_flops >= 2.5e9 * cpu_flops_per_cycle()
+    assert all(0 < e <= 1 for _, e in cluster.matmul_efficiency_by_dim)
+    assert "# Host allocator: " in out.read_text()
     assert not cluster.overlap_comm
     # The planner runs on it.
     p = predict(GPT_1B, ParallelConfig(zero_stage=1), cluster, seq_len=512, micro_batch=1, global_batch=4)

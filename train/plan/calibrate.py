@@ -5,7 +5,8 @@ Measures this machine for the planner's `cpu_local` cluster, one thread per rank
 the fraction of the core's fp32 peak that large GEMMs and causal attention reach, memory bandwidth (a large copy),
 the cost of one small kernel, gloo's all-reduce bandwidth and latency between ranks over loopback, and the host's
 costs (`train.plan.calibrate_host`): one operator under autograd, one collective call, DeepSpeed's per-parameter
-work at ZeRO 1 and 3. The peak itself is physics: cores x 2.5 GHz x FMA lanes (`train.metrics`).
+work at ZeRO 1 and 3. The peak is cores x 2.5 GHz x FMA lanes (`train.metrics`), or the fastest GEMM measured
+where that is faster (a core running above 2.5 GHz).
 """
 
 from __future__ import annotations
@@ -33,15 +34,17 @@ def measure_kernels() -> dict[str, float]:
     training (they share the memory bus and the L3)."""
     torch.set_num_threads(1)
     sync = dist.is_initialized()
-    peak = 2.5e9 * cpu_flops_per_cycle()
     n = 1024
     a, b = torch.randn(n, n), torch.randn(n, n)
     gemm = 2 * n**3 / timed(lambda: a @ b, sync=sync)
-    by_dim = []
+    rate_by_dim = []
     for dim in (32, 64, 128, 256, 512, 1024):  # a transformer's GEMMs: many tokens through a thin weight
         x, w = torch.randn(2048, dim), torch.randn(dim, dim)
-        t = timed(lambda x=x, w=w: x @ w, repeats=9, sync=sync)
-        by_dim.append([dim, min(1.0, round(2 * 2048 * dim**2 / t / peak, 4))])
+        rate_by_dim.append((dim, 2 * 2048 * dim**2 / timed(lambda x=x, w=w: x @ w, repeats=9, sync=sync)))
+    # The nominal peak assumes 2.5 GHz; a core that turbos above it shows GEMMs faster than that "peak", and then the
+    # fastest GEMM measured is the better bound (efficiencies stay fractions of a real peak, never clipped).
+    peak = max(2.5e9 * cpu_flops_per_cycle(), gemm, *(rate for _, rate in rate_by_dim))
+    by_dim = [[dim, round(rate / peak, 4)] for dim, rate in rate_by_dim]
     heads, seq, hd = 4, 512, 64
     q = torch.randn(1, heads, seq, hd, requires_grad=True)
 
@@ -60,7 +63,7 @@ def measure_kernels() -> dict[str, float]:
     bandwidth = sorted(rates)[len(rates) // 2]
     tiny = torch.ones(1)
     overhead = timed(lambda: [tiny.add(1) for _ in range(1000)]) / 1000
-    return {"peak_flops": peak, "matmul_efficiency": min(1.0, gemm / peak), "matmul_efficiency_by_dim": by_dim,
+    return {"peak_flops": peak, "matmul_efficiency": gemm / peak, "matmul_efficiency_by_dim": by_dim,
             "attention_efficiency": min(1.0, attn / peak), "hbm_bandwidth": bandwidth, "kernel_overhead_s": overhead}
 
 
