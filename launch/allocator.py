@@ -109,8 +109,9 @@ def active_allocator() -> str:
 
 def reexec_under(choice: str, argv: Sequence[str] | None = None, on_gpu: bool = False) -> None:
     """Re-exec this Python program (``python script.py args`` or ``python -m module args``) under ``choice`` unless
-    it already runs under it; no return when it re-execs. For scripts that fork their ranks from their own process, where no launcher sets the
-    allocator. Unlike the launchers, the choice given here replaces an allocator already in LD_PRELOAD."""
+    it already runs under it; no return when it re-execs. For scripts that fork their ranks from their own process,
+    where no launcher sets the allocator. Unlike the launchers, the choice given here replaces an allocator already
+    in LD_PRELOAD."""
     entries = os.environ.get("LD_PRELOAD", "").replace(":", " ").split()
     others = [e for e in entries if preloaded({"LD_PRELOAD": e}) == "system"]
     environ = {**os.environ, "LD_PRELOAD": ":".join(others)}
