@@ -91,7 +91,12 @@ def bench_family(family: str, args: argparse.Namespace, device: torch.device) ->
     cfg = family_config(family, args.d_model, args.layers, args.ffn_hidden, args.seq_len)
     torch.manual_seed(0)
     ours = Transformer(cfg).to(device)
-    hf = AutoModelForCausalLM.from_config(config_to_hf(cfg), attn_implementation="sdpa").to(device)
+    hf_config = config_to_hf(cfg)
+    if cfg.num_experts > 1:
+        # Both sides train the same objective: ours always adds the load-balancing loss (and a z-loss) in training;
+        # transformers adds its balancing loss only with router logits on, as an MoE pre-training run sets them.
+        hf_config.output_router_logits = True
+    hf = AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa").to(device)
     missing, unexpected = hf.load_state_dict(state_dict_to_hf(ours.state_dict(), cfg), strict=False)
     if unexpected or [k for k in missing if "inv_freq" not in k]:
         raise RuntimeError(f"weights did not map onto the transformers model: {missing} {unexpected}")
@@ -101,7 +106,7 @@ def bench_family(family: str, args: argparse.Namespace, device: torch.device) ->
     steps = [("transformers", train_step(hf, lambda: hf(input_ids=x, labels=x).loss, device)),
              ("ours", train_step(ours, lambda: ours(x, labels=y).loss, device))]
     # The same fused optimizer on both sides: what is left between these two rows is the model alone.
-    hf_fused = AutoModelForCausalLM.from_config(config_to_hf(cfg), attn_implementation="sdpa").to(device)
+    hf_fused = AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa").to(device)
     hf_fused.load_state_dict(hf.state_dict())
     steps.append(("transformers, fused", train_step(hf_fused, lambda: hf_fused(input_ids=x, labels=x).loss, device,
                                                     True)))
