@@ -4,7 +4,7 @@ On CPU the allocator decides both speed and peak memory. A training step allocat
 buffers every step (activations, ZeRO-3's gathered parameters and full gradients); glibc keeps freed blocks in a
 fragmented heap or, above its mmap threshold, returns them to the kernel and page-faults them back in on the next
 step. tcmalloc keeps them in size-classed caches instead: measured in docs/benchmarks.md, 2-rank dense_125m
-steps run ~1.3x faster under it, and ZeRO-3's peak RSS falls to 0.57x ZeRO-0's (0.74x under glibc). PyTorch's CPU
+steps run ~1.3x faster under it, and ZeRO-3's peak RSS falls to 0.57x ZeRO-0's (0.72-0.74x under glibc). PyTorch's CPU
 performance tuning guide recommends the same (`torch.backends.xeon.run_cpu --enable-tcmalloc` preloads it); here
 the launchers do it.
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -59,13 +59,22 @@ def find_library(name: str, environ: Mapping[str, str] = os.environ) -> str | No
     return None
 
 
-def preloaded(environ: Mapping[str, str] = os.environ) -> str:
-    """The allocator ``environ``'s LD_PRELOAD already names ("tcmalloc", "jemalloc"), or "system"."""
-    entries = environ.get("LD_PRELOAD", "").replace(":", " ").split()
+def _preload_entries(environ: Mapping[str, str]) -> list[str]:
+    return environ.get("LD_PRELOAD", "").replace(":", " ").split()
+
+
+def _allocator_of(paths: Iterable[str]) -> str:
+    """"tcmalloc" or "jemalloc" when one of ``paths`` is that allocator's shared object, else "system"."""
+    names = [Path(path).name for path in paths]
     for name in ("tcmalloc", "jemalloc"):
-        if any(Path(entry).name.startswith(f"lib{name}") for entry in entries):
+        if any(n.startswith(f"lib{name}") for n in names):
             return name
     return "system"
+
+
+def preloaded(environ: Mapping[str, str] = os.environ) -> str:
+    """The allocator ``environ``'s LD_PRELOAD already names ("tcmalloc", "jemalloc"), or "system"."""
+    return _allocator_of(_preload_entries(environ))
 
 
 def allocator_env(choice: str, environ: Mapping[str, str] = os.environ, on_gpu: bool = False) -> dict[str, str]:
@@ -77,12 +86,9 @@ def allocator_env(choice: str, environ: Mapping[str, str] = os.environ, on_gpu: 
     """
     if choice not in ALLOCATORS:
         raise AllocatorError(f"unknown allocator {choice!r}; use one of {', '.join(ALLOCATORS)}")
-    current = preloaded(environ)
-    if choice == "system" or current != "system":
+    if choice == "system" or (choice == "auto" and on_gpu) or preloaded(environ) != "system":
         return {}
     name = "tcmalloc" if choice == "auto" else choice
-    if choice == "auto" and on_gpu:
-        return {}
     path = find_library(name, environ)
     if path is None:
         if choice == "auto":
@@ -101,26 +107,21 @@ def active_allocator() -> str:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
         return "system"
-    for name in ("tcmalloc", "jemalloc"):
-        if f"lib{name}" in maps:
-            return name
-    return "system"
+    return _allocator_of(line.split()[-1] for line in maps.splitlines() if "/" in line)
 
 
-def reexec_under(choice: str, argv: Sequence[str] | None = None, on_gpu: bool = False) -> None:
+def reexec_under(choice: str, on_gpu: bool = False) -> None:
     """Re-exec this Python program (``python script.py args`` or ``python -m module args``) under ``choice`` unless
     it already runs under it; no return when it re-execs. For scripts that fork their ranks from their own process,
     where no launcher sets the allocator. Unlike the launchers, the choice given here replaces an allocator already
     in LD_PRELOAD."""
-    entries = os.environ.get("LD_PRELOAD", "").replace(":", " ").split()
-    others = [e for e in entries if preloaded({"LD_PRELOAD": e}) == "system"]
+    others = [e for e in _preload_entries(os.environ) if _allocator_of([e]) == "system"]
     environ = {**os.environ, "LD_PRELOAD": ":".join(others)}
     environ |= allocator_env(choice, environ, on_gpu)
     if preloaded(environ) == active_allocator():
         return
-    if argv is None:
-        spec = getattr(sys.modules["__main__"], "__spec__", None)  # set when started as `python -m package.module`
-        argv = ["-m", spec.name.removesuffix(".__main__"), *sys.argv[1:]] if spec and spec.name else sys.argv
+    spec = getattr(sys.modules["__main__"], "__spec__", None)  # set when started as `python -m package.module`
+    argv = ["-m", spec.name.removesuffix(".__main__"), *sys.argv[1:]] if spec and spec.name else sys.argv
     os.execve(sys.executable, [sys.executable, *argv], environ)
 
 

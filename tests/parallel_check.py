@@ -133,15 +133,16 @@ class References:
 def check_layout(overrides: list[str], ranks: int, reference: tuple, out_dir: Path, rel: float = 1e-5,
                  fork: bool = True) -> str:
     """The layout's first-step gradients (gathered from every rank's pieces) and the real trainer's losses over the
-    reference's steps, against the single-process ``reference`` = (losses, gradients); returns the trainer's stdout."""
+    reference's steps, against the single-process ``reference`` = (losses, gradients, rounding floor) of
+    `References`; returns the trainer's stdout."""
     from tests.forklaunch import fork_call
     from tests.utils import child_env, run_train
 
-    want, want_grads, *floor = reference
+    want, want_grads, floor = reference
     fork_call(step_one_gradients, (overrides, str(out_dir)), ranks, child_env())
     assert_gradients_match(assemble(out_dir), want_grads, rel)
     run_dir = out_dir / "run"
     proc = run_train([*overrides, f"run_dir={run_dir}"], nproc=ranks, fork=fork)
     assert f"world {ranks}" in proc.stdout
-    assert_losses_match(run_dir, want, rel, floor[0] if floor else None)
+    assert_losses_match(run_dir, want, rel, floor)
     return proc.stdout
