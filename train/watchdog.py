@@ -58,6 +58,9 @@ class Watchdog:
                       flush=True)
         if self._store is not None:
             self._store.set_timeout(timedelta(seconds=max(2.0, 2 * self.period)))
+            # The first beat is sent before training starts: a rank frozen within its first period is then named
+            # by its stale heartbeat, not mistaken for one without a watchdog.
+            self._beat(time.time())
             self._thread = threading.Thread(target=self._run, name="watchdog", daemon=True)
             self._thread.start()
 
@@ -78,13 +81,16 @@ class Watchdog:
         return json.dumps({"step": self.step, "phase": self.phase, "progress": self.last_progress, "beat": now,
                            "host": self._host, "pid": self._pid})
 
+    def _beat(self, now: float) -> None:
+        try:
+            self._store.set(_KEY.format(self.rank), self._record(now))
+        except Exception:  # noqa: BLE001  (the store's host may be the frozen one: judged when diagnosing)
+            self.missed_beats += 1
+
     def _run(self) -> None:
         while not self._stop.wait(self.period):
             now = time.time()
-            try:
-                self._store.set(_KEY.format(self.rank), self._record(now))
-            except Exception:  # noqa: BLE001  (the store's host may be the frozen one: judged when diagnosing)
-                self.missed_beats += 1
+            self._beat(now)
             if self.armed and now - self.last_progress > self.timeout_s:
                 self._fire(now)
 
