@@ -59,26 +59,40 @@ class _LinearCrossEntropy(torch.autograd.Function):
         scale = 1.0 / valid.sum().clamp(min=1).to(torch.float32)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if needs_grad else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_grad else None
+        grad_weight = None
         for start in range(0, hidden.shape[0], chunk_tokens):
             rows = slice(start, start + chunk_tokens)
             h, target, ok = hidden[rows], labels[rows] - vocab_start, valid[rows]
-            logits = (h @ weight.t()).float()  # [n, V_local]
-            row_max = _all_reduce(logits.detach().amax(dim=-1), dist.ReduceOp.MAX, group)
-            logits -= row_max[:, None]
             mine = ok & (target >= 0) & (target < local_vocab)  # this rank holds the target's row
             index = torch.where(mine, target, 0)[:, None]
-            target_logit = _all_reduce(logits.gather(1, index).squeeze(1) * mine, dist.ReduceOp.SUM, group)
-            probs = logits.exp_()  # in place: the shifted logits are not needed any more
-            sum_exp = _all_reduce(probs.sum(dim=-1), dist.ReduceOp.SUM, group)
-            loss += ((sum_exp.log() - target_logit) * ok).sum()
+            logits = (h @ weight.t()).float()  # [n, V_local]
+            if group is None:
+                # One fused pass per row (max, exponentials, sum); the big [n, V] array is read twice in all.
+                logits = torch.log_softmax(logits, dim=-1)
+                loss -= (logits.gather(1, index).squeeze(1) * mine).sum()
+                probs = logits.exp_()  # in place: the log-probabilities are not needed any more
+            else:
+                row_max = _all_reduce(logits.detach().amax(dim=-1), dist.ReduceOp.MAX, group)
+                logits -= row_max[:, None]
+                target_logit = _all_reduce(logits.gather(1, index).squeeze(1) * mine, dist.ReduceOp.SUM, group)
+                probs = logits.exp_()
+                sum_exp = _all_reduce(probs.sum(dim=-1), dist.ReduceOp.SUM, group)
+                loss += ((sum_exp.log() - target_logit) * ok).sum()
+                probs /= sum_exp[:, None]
             if needs_grad:
-                # d(loss)/d(logits) = (softmax - one_hot(target)) / count, zero on ignored rows.
-                probs *= (ok * scale / sum_exp)[:, None]
-                probs.scatter_add_(1, index, -(mine * scale)[:, None].to(probs.dtype))
+                # d(loss)/d(logits) = (softmax - one_hot(target)) / count, zero on ignored rows. The per-row factor
+                # is applied to the [n, D] operands and results of the two matmuls, not to the [n, V] array.
+                probs.scatter_add_(1, index, -mine[:, None].to(probs.dtype))
                 grad_logits = probs.to(hidden.dtype)
-                grad_hidden[rows] = grad_logits @ weight
-                grad_weight += (grad_logits.t() @ h).float()
+                row_scale = (ok * scale)[:, None].to(hidden.dtype)
+                out = grad_hidden[rows]
+                torch.mm(grad_logits, weight, out=out)
+                out *= row_scale
+                partial = grad_logits.t() @ (h * row_scale)
+                if grad_weight is None:
+                    grad_weight = partial.float()
+                else:
+                    grad_weight += partial
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return loss * scale
@@ -86,8 +100,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
         grad_hidden, grad_weight = ctx.saved_tensors
-        grad_h = grad_hidden * grad_loss.to(grad_hidden.dtype) if ctx.needs_input_grad[0] else None
-        grad_w = (grad_weight * grad_loss).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
+        if grad_loss.device.type == "cpu" and float(grad_loss) == 1.0:
+            # The usual case (the loss is the objective): the stored gradients are the answer. Reading a CPU scalar
+            # is free; on an accelerator it would stall the backward, so there they are always scaled.
+            grad_h, grad_w = grad_hidden, grad_weight.to(ctx.weight_dtype)
+        else:
+            grad_h = grad_hidden * grad_loss.to(grad_hidden.dtype)
+            grad_w = (grad_weight * grad_loss).to(ctx.weight_dtype)
+        grad_h = grad_h if ctx.needs_input_grad[0] else None
+        grad_w = grad_w if ctx.needs_input_grad[1] else None
         return grad_h, grad_w, None, None, None, None
 
 

@@ -31,16 +31,17 @@ def _reference(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor)
     return loss.detach(), h.grad, w.grad
 
 
+@pytest.mark.parametrize("upstream", [1.0, 3.0])
 @pytest.mark.parametrize("chunk", [1, 8, N, 1000])
-def test_fused_loss_and_gradients_equal_cross_entropy_on_full_logits(chunk):
+def test_fused_loss_and_gradients_equal_cross_entropy_on_full_logits(chunk, upstream):
     hidden, weight, labels = _inputs()
     want, want_dh, want_dw = _reference(hidden, weight, labels)
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     loss = linear_cross_entropy(h, w, labels, chunk)
-    (3.0 * loss).backward()  # an upstream gradient other than 1 scales both gradients
+    (upstream * loss).backward()  # 1: the stored gradients as they are; otherwise scaled
     assert torch.allclose(loss.double(), want, rtol=1e-6)  # the loss is accumulated in float32
     # float64 inputs, softmax in float32: within 1e-6 of the largest entry
-    for got, want_grad in ((h.grad, 3.0 * want_dh), (w.grad, 3.0 * want_dw)):
+    for got, want_grad in ((h.grad, upstream * want_dh), (w.grad, upstream * want_dw)):
         assert (got - want_grad).abs().max() <= 1e-6 * want_grad.abs().max()
 
 
