@@ -5,8 +5,9 @@
 
 For each family (dense = LlamaForCausalLM, moe = MixtralForCausalLM, hybrid = JambaForCausalLM) the tiny config
 is resized (--d-model, --layers, --ffn-hidden), both models get the same weights (`model.convert`) and each
-trains with a plain loop: forward with labels, backward, clip at 1.0, AdamW (torch's default, then the trainer's
-fused AdamW on both sides: "transformers, fused" against "ours, fused AdamW" compares the models alone). The steps
+trains with a plain loop: forward with labels, backward, clip at 1.0, AdamW: torch's `clip_grad_norm_` and default
+AdamW, then the trainer's optimizer step (its gradient norm and clipping, fused AdamW) on both sides, so that
+"transformers, trainer opt" against "ours, trainer opt" compares the models alone. The steps
 are interleaved (one of each per repeat, after warm-up), so load on the machine hits both alike; the table shows
 median seconds per step, tokens/s, MFU and the medians of the per-repeat ratios against transformers with torch's
 AdamW and with the fused one (reference time / ours: > 1 means ours is faster).
@@ -35,6 +36,9 @@ from model.convert import config_to_hf, state_dict_to_hf
 from model.flops import flops_per_token
 from model.transformer import Transformer
 from train.metrics import peak_flops_per_device
+from train.parallel.dims import Layout
+from train.parallel.grad import clip_, grad_norm
+from train.parallel.groups import ParallelGroups
 
 TINY_CONFIG = {"dense": "dense_tiny", "moe": "moe_tiny", "hybrid": "hybrid_tiny"}
 
@@ -64,10 +68,19 @@ def _sync(device: torch.device) -> None:
 
 def train_step(model: torch.nn.Module, loss_of: Callable[[], torch.Tensor], device: torch.device,
                fused: bool = False) -> Callable[[], float]:
-    """One optimizer step of ``model``; returns its wall time in seconds. The reference's optimizer is torch's
-    default AdamW; ``fused`` is the trainer's (`train.engine.build_optimizer`)."""
+    """One optimizer step of ``model``; returns its wall time in seconds. The reference clips with torch's
+    ``clip_grad_norm_`` and steps torch's default AdamW; ``fused`` is the trainer's optimizer step: fused AdamW
+    (`train.engine.build_optimizer`) and the trainer's norm and clipping (`train.parallel.grad`)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True) if fused else torch.optim.AdamW(
         model.parameters(), lr=1e-4, foreach=device.type == "cuda")
+    params = list(model.parameters())
+    one_process = ParallelGroups(Layout(world=1, dp=1))
+
+    def clip() -> None:
+        if fused:
+            clip_(params, grad_norm(params, one_process), 1.0)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def step() -> float:
@@ -76,7 +89,7 @@ def train_step(model: torch.nn.Module, loss_of: Callable[[], torch.Tensor], devi
         with amp:
             loss = loss_of()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        clip()
         opt.step()
         opt.zero_grad(set_to_none=True)
         _sync(device)
@@ -108,11 +121,11 @@ def bench_family(family: str, args: argparse.Namespace, device: torch.device) ->
     # The same fused optimizer on both sides: what is left between these two rows is the model alone.
     hf_fused = AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa").to(device)
     hf_fused.load_state_dict(hf.state_dict())
-    steps.append(("transformers, fused", train_step(hf_fused, lambda: hf_fused(input_ids=x, labels=x).loss, device,
+    steps.append(("transformers, trainer opt", train_step(hf_fused, lambda: hf_fused(input_ids=x, labels=x).loss, device,
                                                     True)))
     trainer_opt = Transformer(cfg).to(device)
     trainer_opt.load_state_dict(ours.state_dict())
-    steps.append(("ours, fused AdamW", train_step(trainer_opt, lambda: trainer_opt(x, labels=y).loss, device, True)))
+    steps.append(("ours, trainer opt", train_step(trainer_opt, lambda: trainer_opt(x, labels=y).loss, device, True)))
     if args.compile:
         from model.compile import compile_blocks
 
@@ -152,20 +165,20 @@ def main() -> None:
           f"{args.batch} on {device.type} ({'bf16 autocast' if device.type == 'cuda' else 'fp32'}), "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, {active_allocator()} allocator, "
           f"{args.repeats} interleaved repeats")
-    print(f"{'family':<8}{'loop':<20}{'s/step':>9}{'tokens/s':>10}{'MFU':>8}{'vs transformers':>17}"
-          f"{'vs transformers, fused':>24}")
+    print(f"{'family':<8}{'loop':<26}{'s/step':>9}{'tokens/s':>10}{'MFU':>8}{'vs transformers':>17}"
+          f"{'vs transformers, trainer opt':>30}")
     for family in args.families:
         rows = bench_family(family, args, device)
         cfg = family_config(family, args.d_model, args.layers, args.ffn_hidden, args.seq_len)
         fpt = flops_per_token(cfg, args.seq_len)
-        reference, fused_reference = rows[0][1], dict(rows)["transformers, fused"]
+        reference, fused_reference = rows[0][1], dict(rows)["transformers, trainer opt"]
         for name, times in rows:
             sec = statistics.median(times)
             ratio, fused_ratio = (statistics.median(r / t for r, t in zip(ref, times, strict=True))
                                   for ref in (reference, fused_reference))
             tps = tokens_per_step / sec
-            print(f"{family:<8}{name:<20}{sec:>9.4f}{tps:>10.0f}{100 * tps * fpt / peak:>7.2f}%{ratio:>16.2f}x"
-                  f"{fused_ratio:>23.2f}x")
+            print(f"{family:<8}{name:<26}{sec:>9.4f}{tps:>10.0f}{100 * tps * fpt / peak:>7.2f}%{ratio:>16.2f}x"
+                  f"{fused_ratio:>29.2f}x")
 
 
 if __name__ == "__main__":
