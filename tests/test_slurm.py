@@ -7,6 +7,7 @@ Every job trains the real model (2 ranks, tiny) and is compared, loss by loss, w
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from launch.allocator import find_library
 from tests.utils import PYTHON, REPO, TINY, child_env, rank_process, read_metrics, train_losses, wait_for_step
 
 pytestmark = pytest.mark.slurm
@@ -206,16 +208,20 @@ def test_hydra_multirun_on_slurm_runs_an_array(reference_run: Path, cluster_cpus
     """`--multirun hydra/launcher=slurm`: one array job per sweep point, each with 2 ranks set up from submitit's
     environment. The point with the reference seed reproduces the reference run; the other seed differs."""
     sweep_dir = tmp_path / "sweep"
-    cmd = [PYTHON, "-m", "train", "--multirun", "hydra/launcher=slurm", "hydra.launcher.gpus_per_node=null",
+    # Submitted through launch.allocator from a system-malloc environment: the jobs inherit its allocator.
+    cmd = [PYTHON, "-m", "launch.allocator", "--", PYTHON, "-m", "train", "--multirun", "hydra/launcher=slurm", "hydra.launcher.gpus_per_node=null",
            "hydra.launcher.tasks_per_node=2", f"hydra.launcher.cpus_per_task={max(1, cluster_cpus // 2)}",
            "hydra.launcher.timeout_min=15", f"hydra.sweep.dir={sweep_dir}", *OVERRIDES, f"train.seed={SEED},7"]
-    proc = subprocess.run(cmd, check=False, cwd=REPO, env=_job_env(), capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(cmd, check=False, cwd=REPO, env=_job_env(LD_PRELOAD=""), capture_output=True, text=True,
+                          timeout=400)
     assert proc.returncode == 0, f"multirun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     scripts = list(sweep_dir.glob(".submitit/*/*_submission.sh"))
     assert len(scripts) == 1 and "#SBATCH --array=0-1" in scripts[0].read_text()
+    allocator = "system" if find_library("tcmalloc") is None else "tcmalloc"
     for job in ("0", "1"):
         assert sorted(train_losses(sweep_dir / job)) == list(range(1, STEPS + 1))
         assert "world 2 (dp 2)" in "".join(p.read_text() for p in sweep_dir.glob(f".submitit/*_{job}/*_0_log.out"))
+        assert json.loads((sweep_dir / job / "summary.json").read_text())["host_allocator"] == allocator
     _assert_same_losses(sweep_dir / "0", reference_run)
     assert train_losses(sweep_dir / "1")[STEPS] != pytest.approx(train_losses(reference_run)[STEPS], abs=1e-5)
 
@@ -277,7 +283,8 @@ def test_sigkilled_rank_under_submitit_fails_the_job_and_the_rerun_resumes(
     this one-node cluster keeps no accounting, so that process waits for the killed task forever and the test
     stops it once the job has failed."""
     sweep_dir = tmp_path / "sweep"
-    cmd = [PYTHON, "-m", "train", "--multirun", "hydra/launcher=slurm", "hydra.launcher.gpus_per_node=null",
+    # Submitted through launch.allocator from a system-malloc environment: the jobs inherit its allocator.
+    cmd = [PYTHON, "-m", "launch.allocator", "--", PYTHON, "-m", "train", "--multirun", "hydra/launcher=slurm", "hydra.launcher.gpus_per_node=null",
            "hydra.launcher.tasks_per_node=2", f"hydra.launcher.cpus_per_task={max(1, cluster_cpus // 2)}",
            "hydra.launcher.timeout_min=15", f"hydra.sweep.dir={sweep_dir}", *OVERRIDES, f"train.seed={SEED}"]
     with open(tmp_path / "sweep.out", "w") as out:
