@@ -121,7 +121,8 @@ class TrainConfig:
     precision: str = "auto"
     device: str = "auto"
     peak_flops: float | None = None
-    # torch.compile each decoder block (`model.compile.compile_blocks`); the first steps pay the compilation.
+    # torch.compile each decoder block, MoE layers left eager (`model.compile.compile_blocks`); the first steps pay the
+    # compilation.
     compile: bool = False
     # A NaN/inf loss or gradient on any rank: no rank applies that update, then "stop" (exit, save nothing),
     # "skip" (go on; the step and the lr schedule advance) or "rollback" (reload the last checkpoint and skip
