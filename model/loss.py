@@ -93,6 +93,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_weight = partial.float()
                 else:
                     grad_weight += partial
+        if needs_grad and grad_weight is None:  # no tokens
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return loss * scale

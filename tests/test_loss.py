@@ -53,6 +53,14 @@ def test_fused_loss_with_every_label_ignored_is_zero_with_zero_gradients():
     assert loss.item() == 0.0 and not h.grad.any() and not w.grad.any()
 
 
+def test_fused_loss_over_no_tokens_is_zero_with_zero_gradients():
+    _, weight, _ = _inputs()
+    h, w = torch.zeros(0, D, dtype=torch.float64, requires_grad=True), weight.clone().requires_grad_()
+    loss = linear_cross_entropy(h, w, torch.zeros(0, dtype=torch.long), 8)
+    loss.backward()
+    assert loss.item() == 0.0 and h.grad.shape == (0, D) and not w.grad.any()
+
+
 def test_model_loss_fused_equals_full_logits_for_a_tied_head_in_float32():
     base = {"vocab_size": 101, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn_hidden": 64,
             "max_seq_len": 32, "tie_embeddings": True, "attn_backend": "sdpa"}
