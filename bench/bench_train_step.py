@@ -10,7 +10,7 @@ AdamW, then the trainer's optimizer step (its gradient norm and clipping, fused 
 "transformers, trainer opt" against "ours, trainer opt" compares the models alone. The steps
 are interleaved (one of each per repeat, after warm-up), so load on the machine hits both alike; the table shows
 median seconds per step, tokens/s, MFU and the medians of the per-repeat ratios against transformers with torch's
-AdamW and with the fused one (reference time / ours: > 1 means ours is faster).
+clipping and AdamW and with the trainer's optimizer step (reference time / ours: > 1 means ours is faster).
 On CUDA both run under bf16 autocast; on CPU in fp32.
 """
 
@@ -118,11 +118,11 @@ def bench_family(family: str, args: argparse.Namespace, device: torch.device) ->
     # transformers shifts the labels itself: same inputs, T-1 scored positions.
     steps = [("transformers", train_step(hf, lambda: hf(input_ids=x, labels=x).loss, device)),
              ("ours", train_step(ours, lambda: ours(x, labels=y).loss, device))]
-    # The same fused optimizer on both sides: what is left between these two rows is the model alone.
+    # The trainer's optimizer step on both sides: what is left between these two rows is the model alone.
     hf_fused = AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa").to(device)
     hf_fused.load_state_dict(hf.state_dict())
-    steps.append(("transformers, trainer opt", train_step(hf_fused, lambda: hf_fused(input_ids=x, labels=x).loss, device,
-                                                    True)))
+    steps.append(("transformers, trainer opt",
+                  train_step(hf_fused, lambda: hf_fused(input_ids=x, labels=x).loss, device, True)))
     trainer_opt = Transformer(cfg).to(device)
     trainer_opt.load_state_dict(ours.state_dict())
     steps.append(("ours, trainer opt", train_step(trainer_opt, lambda: trainer_opt(x, labels=y).loss, device, True)))
