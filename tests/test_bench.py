@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -46,3 +48,23 @@ def test_data_bench_measures_the_training_loader(sample_data):
     assert len(rows) == 1 and rows[0]["seq_len"] == 64
     for key in ("batch_tokens_per_s", "iter_tokens_per_s", "dense_1b_h100_tokens_per_s"):
         assert math.isfinite(rows[0][key]) and rows[0][key] > 0, key
+
+
+def test_training_step_bench_times_every_family_against_transformers():
+    """bench_train_step.py at a tiny shape, one repeat: each family's four loops (ours and transformers', with
+    torch's optimizer step and the trainer's) train and get a time and both ratios."""
+    cmd = [sys.executable, "bench/bench_train_step.py", "--families", "dense", "moe", "hybrid", "--d-model", "64",
+           "--layers", "2", "--ffn-hidden", "64", "--seq-len", "16", "--batch", "1", "--repeats", "1",
+           "--warmup", "0", "--allocator", "system"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    loops = ("transformers", "ours", "transformers, trainer opt", "ours, trainer opt")
+    rows = {(ln[:8].strip(), ln[8:34].strip()): ln[34:].split() for ln in proc.stdout.splitlines()
+            if ln[:8].strip() in ("dense", "moe", "hybrid")}
+    assert sorted(rows) == sorted((f, loop) for f in ("dense", "moe", "hybrid") for loop in loops), proc.stdout
+    for (family, loop), (sec, tokens, _, ratio, fused_ratio) in rows.items():
+        assert float(sec) > 0 and float(tokens) > 0, (family, loop)
+        if loop == "transformers":
+            assert ratio == "1.00x"
+        if loop == "transformers, trainer opt":
+            assert fused_ratio == "1.00x"
