@@ -22,6 +22,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
+from launch.env import split_command
+
 Allocator = Literal["auto", "tcmalloc", "jemalloc", "system"]
 ALLOCATORS: tuple[Allocator, ...] = ("auto", "tcmalloc", "jemalloc", "system")
 # Shared-object names, preferred first: gperftools' minimal tcmalloc has no heap profiler, which training never uses.
@@ -130,9 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     (default auto); ``--show`` prints the variables instead."""
     import argparse
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    split = argv.index("--") if "--" in argv else len(argv)
-    own, command = argv[:split], argv[split + 1:]
+    own, command = split_command(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m launch.allocator", description=main.__doc__)
     parser.add_argument("--allocator", choices=ALLOCATORS, default="auto")
     parser.add_argument("--gpu", action="store_true", help="the command trains on GPUs (auto then keeps the system's)")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 
 # Ports derived from a job id fall in this range: above the well-known/registered ports most services use and
@@ -236,3 +236,10 @@ def setup_distributed_env_from_submitit() -> None:
 
     dist_env = TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
     os.environ.setdefault("OMP_NUM_THREADS", str(omp_threads_per_rank(os.environ, dist_env.local_world_size)))
+
+
+def split_command(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """A launcher's own arguments and, after ``--``, what it passes on (nothing when there is no ``--``)."""
+    argv = list(argv)
+    split = argv.index("--") if "--" in argv else len(argv)
+    return argv[:split], argv[split + 1:]

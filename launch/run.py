@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Literal
 
 from launch.allocator import ALLOCATORS, allocator_env
-from launch.env import available_cpus, expand_hostlist, master_port_for_job
+from launch.env import available_cpus, expand_hostlist, master_port_for_job, split_command
 
 Launcher = Literal["torchrun", "deepspeed", "srun"]
 LAUNCHERS: tuple[Launcher, ...] = ("torchrun", "deepspeed", "srun")
@@ -204,9 +204,7 @@ def spec_from_args(args: argparse.Namespace, overrides: Sequence[str], environ: 
 
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
-    argv = list(argv)
-    split = argv.index("--") if "--" in argv else len(argv)
-    own, overrides = argv[:split], argv[split + 1:]
+    own, overrides = split_command(argv)
     parser = argparse.ArgumentParser(prog="python -m launch.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--launcher", choices=LAUNCHERS, required=True)
     parser.add_argument("--nodes", type=int, default=None, help="number of nodes (default: SLURM's, else 1)")

@@ -13,13 +13,6 @@ from tests.utils import free_port
 from train.watchdog import Watchdog
 
 
-def _stop(*watchdogs: Watchdog) -> None:
-    """Ends their heartbeat threads (no thread may outlive a test: later tests fork their ranks)."""
-    for w in watchdogs:
-        w.close()
-        w._thread.join(timeout=10)
-
-
 @pytest.fixture()
 def store(monkeypatch: pytest.MonkeyPatch) -> dist.TCPStore:
     port = free_port()
@@ -32,13 +25,13 @@ def store(monkeypatch: pytest.MonkeyPatch) -> dist.TCPStore:
 def test_a_rank_frozen_before_its_first_period_is_named_as_stopped(store: dist.TCPStore) -> None:
     # Rank 1 freezes right after start-up, before its thread's first periodic beat.
     frozen = Watchdog(timeout_s=5, rank=1, world=2, last_checkpoint=lambda: "none")
-    _stop(frozen)
+    frozen.close()
     survivor = Watchdog(timeout_s=5, rank=0, world=2, last_checkpoint=lambda: "none")
     try:
         time.sleep(3 * survivor.period + 0.5)
         cause = survivor.diagnose(time.time())
     finally:
-        _stop(survivor)
+        survivor.close()
     assert cause.startswith("stopped answering") and "rank 1 (host" in cause, cause
 
 
@@ -51,5 +44,6 @@ def test_a_live_rank_at_an_earlier_step_is_stuck_in_its_own_work(store: dist.TCP
         time.sleep(2 * survivor.period)
         cause = survivor.diagnose(time.time())
     finally:
-        _stop(stuck, survivor)
+        stuck.close()
+        survivor.close()
     assert cause.startswith("stuck in its own work") and "step 3, checkpoint save" in cause, cause

@@ -75,7 +75,10 @@ class Watchdog:
         self.armed = True
 
     def close(self) -> None:
+        """Stops the heartbeat thread and waits for it (at most one store timeout, if it is mid-beat)."""
         self._stop.set()
+        if self._store is not None:
+            self._thread.join(timeout=10)
 
     def _record(self, now: float) -> str:
         return json.dumps({"step": self.step, "phase": self.phase, "progress": self.last_progress, "beat": now,

@@ -74,9 +74,7 @@ def clip_(params: list[torch.Tensor], norm: torch.Tensor, max_norm: float) -> No
     coef = max_norm / (float(norm) + 1e-6)
     if coef >= 1.0:
         return
-    grads = [p.grad.detach() for p in params if p.grad is not None]
-    for dtype in {g.dtype for g in grads}:
-        torch._foreach_mul_([g for g in grads if g.dtype == dtype], coef)
+    torch._foreach_mul_([p.grad.detach() for p in params if p.grad is not None], coef)
 
 
 def install_clipping(
