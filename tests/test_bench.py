@@ -11,6 +11,8 @@ import pytest
 import yaml
 
 from bench import gpu
+from model.flops import flops_per_token
+from model.transformer import Transformer
 from tests.utils import REPO
 
 
@@ -18,11 +20,16 @@ def test_gpu_bench_dry_run_trains_every_family(tmp_path):
     out = tmp_path / "rows.json"
     rows = gpu.main(["--dry", "--json", str(out)])
     assert [r["config"] for r in rows] == [c.label for c in gpu.DRY_CONFIGS]
-    for row in rows:
+    for bench, row in zip(gpu.DRY_CONFIGS, rows, strict=True):
         assert row["status"] == "ok", row
-        assert math.isfinite(row["tokens_per_s"]) and row["tokens_per_s"] > 0, row
-        assert math.isfinite(row["loss"]) and 0 < row["loss"] < 2 * math.log(8000), row
-        assert 0 < row["mfu"] < 1 and row["params_active"] <= row["params_total"], row
+        cfg = gpu.model_config(bench)
+        # tokens/s is the timed steps' tokens over their time, MFU the model's FLOPs at that rate over the peak
+        assert row["tokens_per_s"] * row["step_s"] == pytest.approx(bench.batch * bench.seq_len, rel=1e-9), row
+        assert row["mfu"] == pytest.approx(row["tokens_per_s"] * flops_per_token(cfg, bench.seq_len) / 989e12,
+                                           rel=1e-9), row
+        assert row["params_total"] == Transformer(cfg).num_params(), row
+        # a few steps at lr 1e-4 from the initialisation: the loss is still near that of a uniform guess
+        assert abs(row["loss"] - math.log(cfg.vocab_size)) < 0.5, row
     written = json.loads(out.read_text())
     assert written["rows"] == rows and written["machine"]["device"] == "cpu"
 
@@ -62,8 +69,18 @@ def test_training_step_bench_times_every_family_against_transformers():
     rows = {(ln[:8].strip(), ln[8:34].strip()): ln[34:].split() for ln in proc.stdout.splitlines()
             if ln[:8].strip() in ("dense", "moe", "hybrid")}
     assert sorted(rows) == sorted((f, loop) for f in ("dense", "moe", "hybrid") for loop in loops), proc.stdout
+    def secs(family: str, loop: str) -> tuple[float, float]:
+        """The printed seconds, as the interval their 4 decimals leave."""
+        sec = float(rows[family, loop][0])
+        return sec - 5e-5, sec + 5e-5
+
     for (family, loop), (sec, tokens, _, ratio, fused_ratio) in rows.items():
-        assert float(sec) > 0 and float(tokens) > 0, (family, loop)
+        lo, hi = secs(family, loop)
+        assert 16 / hi - 0.5 <= float(tokens) <= 16 / lo + 0.5, (family, loop)  # batch 1 x seq 16 per step
+        # With one repeat each ratio is the reference loop's time over this loop's (printed to 2 decimals).
+        for ref_loop, printed in (("transformers", ratio), ("transformers, trainer opt", fused_ratio)):
+            ref_lo, ref_hi = secs(family, ref_loop)
+            assert ref_lo / hi - 0.005 <= float(printed.rstrip("x")) <= ref_hi / lo + 0.005, (family, loop, ref_loop)
         if loop == "transformers":
             assert ratio == "1.00x"
         if loop == "transformers, trainer opt":
