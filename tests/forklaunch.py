@@ -74,11 +74,11 @@ def _child(rank: int, nproc: int, port: int, target: Callable[[], int], env: dic
 
 
 def _hydra_main(overrides: list[str]) -> int:
-    from train.__main__ import main
+    from train.__main__ import cli
 
     sys.argv = ["train", *overrides]
     try:
-        main()
+        cli()
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     return 0

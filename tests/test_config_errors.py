@@ -11,7 +11,7 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
 from model.config import ConfigError
-from tests.utils import PYTHON, REPO, TINY, child_env
+from tests.utils import PYTHON, REPO, TINY, child_env, run_train
 from train.__main__ import config_error_line
 from train.config import build_run_config
 
@@ -145,17 +145,19 @@ def test_config_errors_import_neither_deepspeed_nor_megatron(sample_data):
     ],
 )
 def test_cli_prints_one_line_exits_2_and_creates_nothing(override, line, tmp_path, sample_data):
+    """`python -m train`'s entry (forked from this warmed process, as the trainer tests launch it)."""
     run_dir = tmp_path / "run"
-    proc = subprocess.run(
-        [PYTHON, "-m", "train", *TINY, override, f"run_dir={run_dir}"],
-        check=False,
-        cwd=REPO,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_train([*TINY, override, f"run_dir={run_dir}"], nproc=1, check=False, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(line), proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
+    assert not run_dir.exists()
+
+
+def test_cli_in_a_fresh_interpreter_prints_one_line_and_exits_2(tmp_path, sample_data):
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([PYTHON, "-m", "train", *TINY, "optim.lr=abc", f"run_dir={run_dir}"], check=False,
+                          cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == "config error: optim.lr: expected a number, got 'abc'\n", proc.stderr
     assert not run_dir.exists()

@@ -114,7 +114,8 @@ def _strip_launcher_args(argv: list[str]) -> list[str]:
     return [a for a in argv if not a.startswith("--local_rank")]
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """`python -m train`: Hydra's entry with its errors as one line and exit code 2."""
     sys.argv = _strip_launcher_args(sys.argv)
     # Hydra prints composition errors (unknown key, missing config, bad override syntax) over several lines; with
     # HYDRA_FULL_ERROR it raises them instead, and they become one line here.
@@ -126,3 +127,7 @@ if __name__ == "__main__":
         sys.exit(2)
     except (ConfigError, DataConfigError):  # a --multirun job's, already printed by main()
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()
