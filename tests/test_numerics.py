@@ -14,11 +14,17 @@ import torch
 
 from tests.forklaunch import fork_call
 from tests.utils import TINY, child_env, run_train
-from train.numerics import INJECT_ENV, SpikeDetector
+from train.numerics import INJECT_ENV, InjectedFault, SpikeDetector
 
 
 def _skip_step_check(overrides: list[str], out_dir: str) -> None:
-    """Runs in each rank: step 1 normally, step 2 with the injected fault, step 3 normally; writes what changed."""
+    """Runs in each rank: step 1 normally, step 2 with the injected fault and DeepSpeed's own overflow check
+    reporting no overflow, step 3 normally, step 4 with the fault again and DeepSpeed's check back; writes what
+    changed and on which steps the torch optimizer's real step ran."""
+    import dataclasses
+
+    import deepspeed.runtime.zero.stage3 as zero3
+    import deepspeed.runtime.zero.stage_1_and_2 as zero12
     import torch.distributed as dist
 
     from tests.reference import run_config
@@ -34,7 +40,19 @@ def _skip_step_check(overrides: list[str], out_dir: str) -> None:
     layout = make_layout(run.parallel, run.model, world, dist.get_rank())
     module = build_train_module(run, init_groups(layout), "fp32", torch.device("cpu"))
     loader = data_loader(run, layout.dp_rank)
-    opt = module.guard.optimizer
+    guard = module.guard
+    opt = guard.optimizer
+    real_steps: list[int] = []  # the guard's step at each call of the real torch step (hooks run inside it only)
+    opt.register_step_pre_hook(lambda *_: real_steps.append(guard.step))
+
+    # fp32 ZeRO-1/2/3 skip a step whose gradient norm is invalid on their own, which would keep the weights
+    # without the guard. This process's DeepSpeed is told the norm is always valid where the faulted step must
+    # prove the guard did the skipping.
+    ds_norm_checks = {m: m.is_invalid_grad_norm for m in (zero12, zero3)}
+
+    def deepspeed_overflow_check(on: bool) -> None:
+        for m, check in ds_norm_checks.items():
+            m.is_invalid_grad_norm = check if on else (lambda norm: False)
 
     def snapshot() -> list[torch.Tensor]:
         """The master weights and every Adam state tensor this rank's optimizer holds (through its state: ZeRO-3
@@ -49,24 +67,35 @@ def _skip_step_check(overrides: list[str], out_dir: str) -> None:
     def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
         return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
+    def faulted_step(step: int) -> dict[str, object]:
+        before, epoch = snapshot(), module.engine.lr_scheduler.last_epoch
+        out = module.train_batch(loader.batch(step - 1), step)
+        return {"nonfinite_ranks": out["nonfinite_ranks"], "state_unchanged": same(before, snapshot()),
+                "lr_steps": module.engine.lr_scheduler.last_epoch - epoch,
+                "deepspeed_applied": module.engine.was_step_applied(), "skipped_steps": guard.skipped_steps}
+
     result: dict[str, object] = {}
     module.train_batch(loader.batch(0), 1)
-    before, epoch = snapshot(), module.engine.lr_scheduler.last_epoch
-    faulted = module.train_batch(loader.batch(1), 2)
+    deepspeed_overflow_check(False)
+    result["faulted"] = faulted_step(2)
     after = snapshot()
-    result["nonfinite_ranks"] = faulted["nonfinite_ranks"]
-    result["state_unchanged"] = same(before, after)
-    result["lr_steps"] = module.engine.lr_scheduler.last_epoch - epoch
     normal = module.train_batch(loader.batch(2), 3)
     result["next_nonfinite_ranks"] = normal["nonfinite_ranks"]
     result["next_loss"] = float(normal["ce_loss"])
     result["next_updates"] = not same(after, snapshot())
+    # DeepSpeed's own check back (it skips the step itself at ZeRO-1/2/3 and, with it, the lr schedule).
+    deepspeed_overflow_check(True)
+    fault = InjectedFault.from_env()
+    assert fault is not None
+    guard._fault = dataclasses.replace(fault, step=4)  # faults are injected once per process: re-armed here
+    result["again"] = faulted_step(4)
+    result["real_steps"] = sorted(set(real_steps))
     Path(out_dir, f"rank{layout.rank}.json").write_text(json.dumps(result))
     dist.barrier()
 
 
-# (layout, fault): DeepSpeed's own fp32 ZeRO-2 overflow skip, our clipping path at ZeRO-0 with TP, ZeRO-3 (whose
-# norm hides NaN as -1), the pipeline schedule's optimizer step, and expert parallelism.
+# (layout, fault): fp32 ZeRO-2, our clipping path at ZeRO-0 with TP (no DeepSpeed overflow check at all), ZeRO-3
+# with a NaN loss, the pipeline schedule's optimizer step (ZeRO-1), and expert parallelism (ZeRO-2).
 LAYOUTS = [
     (["parallel=zero2"], "2:1:grad"),
     (["parallel=tp2", "parallel.zero_stage=0"], "2:1:grad"),
@@ -83,10 +112,22 @@ def test_nonfinite_step_is_skipped_on_every_rank(tmp_path: Path, layout: list[st
     bad_rank = int(fault.split(":")[1])
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for r, res in enumerate(results):
-        assert res["nonfinite_ranks"] == [bad_rank], f"rank {r}: {res}"
-        assert res["state_unchanged"], f"rank {r}: the faulted step changed weights or Adam state"
-        assert res["lr_steps"] == 1, f"rank {r}: the lr schedule moved {res['lr_steps']} steps"
+        faulted, again = res["faulted"], res["again"]
+        assert faulted["nonfinite_ranks"] == [bad_rank], f"rank {r}: {res}"
+        # DeepSpeed went through with step 2, so the guard alone kept the update out: the torch optimizer's real
+        # step never ran on it (nor on step 4), and did on the normal steps 1 and 3.
+        assert faulted["deepspeed_applied"], f"rank {r}: DeepSpeed skipped step 2 itself: {res}"
+        assert res["real_steps"] == [1, 3], f"rank {r}: the real optimizer step ran on steps {res['real_steps']}"
+        assert faulted["skipped_steps"] == 1, f"rank {r}: {res}"
+        assert faulted["state_unchanged"], f"rank {r}: step 2 changed weights or Adam state"
+        assert faulted["lr_steps"] == 1, f"rank {r}: the lr schedule moved {faulted['lr_steps']} steps on step 2"
         assert res["next_nonfinite_ranks"] == [] and math.isfinite(res["next_loss"]) and res["next_updates"], res
+        # Step 4, DeepSpeed's check back: ZeRO-1/2/3 withhold it themselves (the guard's wrapper is never called),
+        # at ZeRO-0 the guard does; either way the schedule advances once.
+        assert again["nonfinite_ranks"] == [bad_rank], f"rank {r}: {res}"
+        assert again["skipped_steps"] == 1 + again["deepspeed_applied"], f"rank {r}: {res}"
+        assert again["state_unchanged"], f"rank {r}: step 4 changed weights or Adam state"
+        assert again["lr_steps"] == 1, f"rank {r}: the lr schedule moved {again['lr_steps']} steps on step 4"
 
 
 def _losses(run_dir: Path) -> dict[int, float]:

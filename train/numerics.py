@@ -5,8 +5,8 @@ must be caught before any optimizer applies it, on every rank at once, whatever 
 gradients each rank computes (a hook on every parameter, before DeepSpeed reduces or partitions them) and the
 local loss; once per step, between the last backward and the optimizer step, one all-reduce tells every rank
 which ranks saw a non-finite value, and the optimizer this guard wraps then leaves weights and Adam state as they
-were. DeepSpeed's own overflow checks depend on the ZeRO stage and precision (fp32 ZeRO-1/2 skip a step whose
-norm is invalid, ZeRO-3 reports invalid group norms as -1 and steps), so they cannot be the contract.
+were. DeepSpeed's own overflow checks depend on the ZeRO stage, precision and version (fp32 ZeRO-1/2/3 skip a
+step whose norm is invalid, fp32 ZeRO-0 has none), so they cannot be the contract.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ import torch
 import torch.distributed as dist
 
 # Test hook: "STEP:RANK:grad" or "STEP:RANK:loss" turns one parameter's gradient (or the loss) of that rank into
-# NaN, "STEP:RANK:spike" replaces that rank's batch with random tokens (a loss spike), the first time the run reaches that step (1-based; once per process, like a transient fault), so the tests
-# inject a real fault on one rank only.
+# NaN, "STEP:RANK:spike" replaces that rank's batch with random tokens (a loss spike), the first time the run
+# reaches that step (1-based; once per process, like a transient fault), so the tests inject a real fault on one
+# rank only.
 INJECT_ENV = "TRAIN_TEST_INJECT_NONFINITE"
 
 
@@ -56,6 +57,8 @@ class NonFiniteGuard:
         # overflow fp32 in practice, and one running scalar costs no host sync until the step ends.
         self._sum = torch.zeros((), dtype=torch.float32, device=device)
         self.skip_update = False
+        self.skipped_steps = 0  # optimizer steps whose update this guard withheld
+        self._withheld = False  # this step's update withheld already (ZeRO steps once per parameter group)
         self.step = 0
         self._fault = InjectedFault.from_env()
         self._armed: str | None = None
@@ -67,6 +70,9 @@ class NonFiniteGuard:
 
         def guarded_step(*args: Any, **kwargs: Any) -> Any:
             if self.skip_update:
+                if not self._withheld:
+                    self.skipped_steps += 1
+                    self._withheld = True
                 return None
             return original_step(*args, **kwargs)
 
@@ -76,7 +82,7 @@ class NonFiniteGuard:
         """Before the first forward of optimizer step ``step`` (1-based)."""
         self.step = step
         self._sum.zero_()
-        self.skip_update = False
+        self.skip_update = self._withheld = False
         fault = self._fault
         self._armed = None
         if fault and fault.step == step and fault.rank == self.rank:

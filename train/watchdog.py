@@ -29,6 +29,16 @@ EXIT_STALLED = 4  # a peer stopped answering: relaunching resumes from the last 
 _KEY = "watchdog/rank{}"
 
 
+def heartbeat_period(timeout_s: float) -> float:
+    """Seconds between heartbeats and checks: a stall is noticed within one period after the timeout."""
+    return min(10.0, max(0.5, timeout_s / 10))
+
+
+def store_timeout_s(period: float) -> float:
+    """How long one heartbeat may wait on the store: a beat delays the next check by at most this."""
+    return max(2.0, 2 * period)
+
+
 def _connect() -> Any:
     """A client of the rendezvous store of its own (MASTER_ADDR/MASTER_PORT, as torchrun, srun and the tests set
     them): the main thread's store traffic and this thread's never wait on each other."""
@@ -39,12 +49,14 @@ def _connect() -> Any:
 
 
 class Watchdog:
-    def __init__(self, timeout_s: float, rank: int, world: int, last_checkpoint: Callable[[], str]) -> None:
+    def __init__(self, timeout_s: float, rank: int, world: int, last_checkpoint: Callable[[], str],
+                 clock: Callable[[], float] = time.time) -> None:
         self.timeout_s, self.rank, self.world = timeout_s, rank, world
-        self.period = min(10.0, max(0.5, timeout_s / 10))
+        self.period = heartbeat_period(timeout_s)
         self.last_checkpoint = last_checkpoint
+        self.clock = clock  # wall-clock seconds: heartbeats of other hosts are compared with it
         self.step, self.phase = 0, "start-up"
-        self.last_progress = time.time()
+        self.last_progress = clock()
         self.armed = False
         self.missed_beats = 0
         self._host, self._pid = socket.gethostname(), os.getpid()
@@ -57,21 +69,21 @@ class Watchdog:
                 print(f"warning: rank {rank}: no watchdog (cannot reach the rendezvous store: {e})", file=sys.stderr,
                       flush=True)
         if self._store is not None:
-            self._store.set_timeout(timedelta(seconds=max(2.0, 2 * self.period)))
+            self._store.set_timeout(timedelta(seconds=store_timeout_s(self.period)))
             # The first beat is sent before training starts: a rank frozen within its first period is then named
             # by its stale heartbeat, not mistaken for one without a watchdog.
-            self._beat(time.time())
+            self.beat(self.clock())
             self._thread = threading.Thread(target=self._run, name="watchdog", daemon=True)
             self._thread.start()
 
     def progress(self, step: int, phase: str) -> None:
         """The main thread moved on (cheap: no I/O)."""
-        self.step, self.phase, self.last_progress = step, phase, time.time()
+        self.step, self.phase, self.last_progress = step, phase, self.clock()
 
     def arm(self) -> None:
         """From here on, no progress for the timeout ends the process (start-up, with its compilation and
         checkpoint loading, is bounded by the process group's timeout only)."""
-        self.last_progress = time.time()
+        self.last_progress = self.clock()
         self.armed = True
 
     def close(self) -> None:
@@ -84,7 +96,8 @@ class Watchdog:
         return json.dumps({"step": self.step, "phase": self.phase, "progress": self.last_progress, "beat": now,
                            "host": self._host, "pid": self._pid})
 
-    def _beat(self, now: float) -> None:
+    def beat(self, now: float) -> None:
+        """Publishes this rank's heartbeat (the thread does every period)."""
         try:
             self._store.set(_KEY.format(self.rank), self._record(now))
         except Exception:  # noqa: BLE001  (the store's host may be the frozen one: judged when diagnosing)
@@ -92,10 +105,22 @@ class Watchdog:
 
     def _run(self) -> None:
         while not self._stop.wait(self.period):
-            now = time.time()
-            self._beat(now)
-            if self.armed and now - self.last_progress > self.timeout_s:
-                self._fire(now)
+            now = self.clock()
+            self.beat(now)
+            stalled = self.stalled(now)
+            if stalled is not None:
+                print(stalled, file=sys.stderr, flush=True)
+                os._exit(EXIT_STALLED)
+
+    def stalled(self, now: float) -> str | None:
+        """The line this rank ends with when, armed, it has made no progress for more than the timeout, naming
+        the cause from the other ranks' heartbeats; None otherwise."""
+        if not self.armed or now - self.last_progress <= self.timeout_s:
+            return None
+        cause = self.diagnose(now)
+        return (f"error: rank {self.rank}: no progress for {now - self.last_progress:.0f} s at step {self.step} "
+                f"({self.phase}), over train.collective_timeout_s={self.timeout_s:g}: {cause}; ending this rank so "
+                f"the job can be relaunched from {self.last_checkpoint()}")
 
     def diagnose(self, now: float) -> str:
         """Why nothing moves, from the other ranks' heartbeats."""
@@ -124,10 +149,3 @@ class Watchdog:
         if silent:
             return f"rank(s) {silent} never sent a heartbeat"
         return "every rank is alive and waiting: a collective itself hangs (network?)"
-
-    def _fire(self, now: float) -> None:
-        cause = self.diagnose(now)
-        print(f"error: rank {self.rank}: no progress for {now - self.last_progress:.0f} s at step {self.step} "
-              f"({self.phase}), over train.collective_timeout_s={self.timeout_s:g}: {cause}; ending this rank so the "
-              f"job can be relaunched from {self.last_checkpoint()}", file=sys.stderr, flush=True)
-        os._exit(EXIT_STALLED)
