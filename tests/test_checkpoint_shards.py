@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
+from tests.rounding import gamma
 from tests.utils import free_port
 from train.checkpoint_shards import (
     load_shards,
@@ -268,11 +269,19 @@ def one_parameter_at_a_time():
             setattr(du, n, fn)
 
 
+# One step after an exact reload at another layout, only the gradients' float32 summation order differs (another
+# split of the batch over data-parallel ranks or of the MLP over tp ranks): each entry is a sum over the B * T tokens
+# of products summed over at most max(V, D, H) terms, so any two orders differ by at most gamma(B T max(V, D, H))
+# of its magnitude (Higham eq. 3.5), here ~2e-5, compared relative to each tensor's largest entry (AdamW's moments
+# and update carry it with O(1) factors). A wrong slice or a lost moment is off by O(1).
+RESHARDED_STEP_TOL = gamma(B * T * max(V, D, H))
+
+
 def _assert_rel(got: torch.Tensor, want: torch.Tensor, tol: float, what: str) -> None:
     """Relative to the tensor's largest element: the moments have elements near 0 where a per-element relative
     error means nothing."""
     err = float((got - want).abs().max() / want.abs().max())
-    assert err <= tol, f"{what}: relative error {err:.2e} > {tol:.0e}"
+    assert err <= tol, f"{what}: relative error {err:.2e} > {tol:.1e}"
 
 
 def _check_state(engine, mpu: Mpu, expected: dict, exact: bool, what: str) -> None:
@@ -290,7 +299,7 @@ def _check_state(engine, mpu: Mpu, expected: dict, exact: bool, what: str) -> No
             if exact:
                 assert torch.equal(got, want), f"{what}: {name} {kind} differs by {(got - want).abs().max()}"
             else:
-                _assert_rel(got, want, 1e-6, f"{what}: {name} {kind}")
+                _assert_rel(got, want, RESHARDED_STEP_TOL, f"{what}: {name} {kind}")
 
 
 # case -> (source, targets). The first target is the source's layout (bit-identical); the others change the ZeRO
@@ -369,7 +378,8 @@ def _worker(rank: int, port: int, case: str, ckpt: str, errors) -> None:
 def test_deepspeed_roundtrip_across_layouts(case, tmp_path):
     """Saved by 2 ranks (data-parallel ZeRO 0-3, or tp2; fp32 or bf16), loaded by the same layout (bit-identical,
     also after one more step), another ZeRO stage, two 1-rank replicas or a tp2 split of the MLP: exact fp32
-    weights, moments, step, lr, counters and buffer; in fp32 one more step matches the source's within 1e-6."""
+    weights, moments, step, lr, counters and buffer; in fp32 one more step matches the source's within the float32
+    summation bound RESHARDED_STEP_TOL."""
     ctx = mp.get_context("fork")  # deepspeed is imported here already: the ranks start in ~0 s
     errors = ctx.SimpleQueue()
     port = free_port()

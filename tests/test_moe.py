@@ -16,6 +16,7 @@ from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock, 
 
 from model.config import ConfigError, ModelConfig
 from model.moe import MoE, _grouped_mm_usable
+from tests.rounding import gamma
 
 
 def moe_config(**overrides) -> ModelConfig:
@@ -32,6 +33,19 @@ def moe_config(**overrides) -> ModelConfig:
     return ModelConfig(**base).validate()
 
 
+# Both sides in float64: rounding in these 16- and 24-term products is ~1e-15 of the values (Higham eq. 3.5); a
+# wrong expert weight, a dropped renormalisation or an aux loss off by top_k is off by O(0.1).
+TOL = 1e-12
+
+
+def hf_tol(t: torch.Tensor, num_experts: int = 4) -> float:
+    """transformers' routers take the softmax in float32 even for float64 weights, their one float32 step: each
+    routing weight (softmax over E logits, then renormalised over top_k) and its gradient carry a relative error of
+    at most gamma(E + 6), and each entry is a sum of top_k = 2 weighted expert terms; 8x that times the entries'
+    scale leaves room for the terms' partial cancellation and is still ~1e-6 of it, far below any bug."""
+    return 8 * gamma(num_experts + 6) * float(t.abs().max())
+
+
 def copy_from_hf(ours: MoE, hf: torch.nn.Module, router_name: str, names: tuple[str, str, str]) -> None:
     with torch.no_grad():
         ours.router.weight.copy_(getattr(hf, router_name).weight)
@@ -44,39 +58,39 @@ def test_matches_hf_mixtral_block_outputs_and_gradients():
     hf_cfg = MixtralConfig(
         hidden_size=16, intermediate_size=24, num_local_experts=4, num_experts_per_tok=2, router_jitter_noise=0.0
     )
-    hf = MixtralSparseMoeBlock(hf_cfg)
-    ours = MoE(moe_config())
+    hf = MixtralSparseMoeBlock(hf_cfg).double()
+    ours = MoE(moe_config()).double()
     copy_from_hf(ours, hf, "gate", ("w1", "w3", "w2"))
-    x = torch.randn(3, 11, 16)
+    x = torch.randn(3, 11, 16, dtype=torch.float64)
 
     x_hf, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
     y_hf, logits = hf(x_hf)
     y_ours, _ = ours(x_ours)
-    assert torch.allclose(y_ours, y_hf, atol=1e-5, rtol=0), (y_ours - y_hf).abs().max()
+    assert torch.allclose(y_ours, y_hf, atol=hf_tol(y_hf), rtol=0), (y_ours - y_hf).abs().max()
 
-    probe = torch.randn(y_hf.shape)
+    probe = torch.randn(y_hf.shape, dtype=torch.float64)
     (y_hf * probe).sum().backward()
     (y_ours * probe).sum().backward()
-    assert torch.allclose(x_ours.grad, x_hf.grad, atol=1e-5, rtol=0)
-    assert torch.allclose(ours.router.weight.grad, hf.gate.weight.grad, atol=1e-5, rtol=0)
+    assert torch.allclose(x_ours.grad, x_hf.grad, atol=hf_tol(x_hf.grad), rtol=0)
+    assert torch.allclose(ours.router.weight.grad, hf.gate.weight.grad, atol=hf_tol(hf.gate.weight.grad), rtol=0)
     hf_w1_grad = torch.stack([e.w1.weight.grad for e in hf.experts])
-    assert torch.allclose(ours.w1.grad, hf_w1_grad, atol=1e-5, rtol=0)
+    assert torch.allclose(ours.w1.grad, hf_w1_grad, atol=hf_tol(hf_w1_grad), rtol=0)
 
     # HF's loss counts tokens per expert, ours counts token slots: HF = top_k * ours.
     hf_lb = load_balancing_loss_func((logits,), num_experts=4, top_k=2)
-    assert torch.allclose(2 * ours.last_stats["lb_loss"], hf_lb, atol=1e-6, rtol=0)
+    assert torch.allclose(2 * ours.last_stats["lb_loss"], hf_lb.double(), atol=hf_tol(hf_lb), rtol=0)
 
 
 def test_matches_hf_jamba_block_without_renormalisation():
     torch.manual_seed(1)
     hf_cfg = JambaConfig(hidden_size=16, intermediate_size=24, num_experts=4, num_experts_per_tok=2)
-    hf = JambaSparseMoeBlock(hf_cfg)
-    ours = MoE(moe_config(moe_renormalize=False))
+    hf = JambaSparseMoeBlock(hf_cfg).double()
+    ours = MoE(moe_config(moe_renormalize=False)).double()
     copy_from_hf(ours, hf, "router", ("gate_proj", "up_proj", "down_proj"))
-    x = torch.randn(2, 9, 16)
+    x = torch.randn(2, 9, 16, dtype=torch.float64)
     y_hf, _ = hf(x)
     y_ours, _ = ours(x)
-    assert torch.allclose(y_ours, y_hf, atol=1e-5, rtol=0), (y_ours - y_hf).abs().max()
+    assert torch.allclose(y_ours, y_hf, atol=hf_tol(y_hf), rtol=0), (y_ours - y_hf).abs().max()
 
 
 def two_expert_moe(top_k: int, **overrides) -> tuple[MoE, torch.Tensor]:
@@ -85,10 +99,11 @@ def two_expert_moe(top_k: int, **overrides) -> tuple[MoE, torch.Tensor]:
     Tokens (logits): three of (ln 3, 0) -> probs (3/4, 1/4) and one (0, ln 7) -> probs (1/8, 7/8).
     """
     moe = MoE(moe_config(d_model=2, n_heads=1, n_kv_heads=1, ffn_hidden=4, num_experts=2, top_k=top_k, **overrides))
+    moe = moe.double()  # float64: the hand-computed values hold to ~1e-16
     with torch.no_grad():
         moe.router.weight.copy_(torch.eye(2))
     ln3, ln7 = math.log(3.0), math.log(7.0)
-    x = torch.tensor([[[ln3, 0.0], [ln3, 0.0], [ln3, 0.0], [0.0, ln7]]])
+    x = torch.tensor([[[ln3, 0.0], [ln3, 0.0], [ln3, 0.0], [0.0, ln7]]], dtype=torch.float64)
     return moe, x
 
 
@@ -99,17 +114,17 @@ def test_load_balancing_and_z_loss_hand_computed():
     moe, x = two_expert_moe(top_k=1, aux_loss_coeff=0.5, z_loss_coeff=0.25)
     _, aux = moe(x)
     stats = moe.last_stats
-    assert torch.allclose(stats["load"], torch.tensor([0.75, 0.25]))
-    assert stats["lb_loss"].item() == pytest.approx(1.09375, abs=1e-6)
-    assert stats["z_loss"].item() == pytest.approx(21 / 4 * math.log(2.0) ** 2, abs=1e-6)
-    assert aux.item() == pytest.approx(0.5 * 1.09375 + 0.25 * 21 / 4 * math.log(2.0) ** 2, abs=1e-6)
+    assert stats["load"].tolist() == [0.75, 0.25]
+    assert stats["lb_loss"].item() == pytest.approx(1.09375, rel=1e-14)
+    assert stats["z_loss"].item() == pytest.approx(21 / 4 * math.log(2.0) ** 2, rel=1e-14)
+    assert aux.item() == pytest.approx(0.5 * 1.09375 + 0.25 * 21 / 4 * math.log(2.0) ** 2, rel=1e-14)
     assert stats["dropped_fraction"].item() == 0.0
 
     # top-2 routes every token to both experts: f = (1/2, 1/2), lb = 2 * (19/64 + 13/64) = 1.
     moe2, x2 = two_expert_moe(top_k=2)
     moe2(x2)
-    assert torch.allclose(moe2.last_stats["load"], torch.tensor([0.5, 0.5]))
-    assert moe2.last_stats["lb_loss"].item() == pytest.approx(1.0, abs=1e-6)
+    assert moe2.last_stats["load"].tolist() == [0.5, 0.5]
+    assert moe2.last_stats["lb_loss"].item() == pytest.approx(1.0, rel=1e-14)
 
 
 def test_router_gradient_matches_finite_differences():
@@ -133,6 +148,8 @@ def test_router_gradient_matches_finite_differences():
         moe.router.weight -= 2 * eps * direction
         minus = loss()
     numeric = (plus - minus) / (2 * eps)
+    # Central difference in float64: truncation ~eps^2 times the third derivative and cancellation ~2**-53 |f| / eps,
+    # both ~1e-10 of the derivative here; an aux-loss or z-loss gradient left out of the router moves it by ~1e-2.
     assert numeric.item() == pytest.approx((grad * direction).sum().item(), rel=1e-6, abs=1e-9)
 
 
@@ -176,18 +193,18 @@ def test_capacity_drops_late_slots_in_token_order():
     assert torch.equal(y_capped[0, 2], torch.zeros(2))
     assert y_full[0, 2].abs().sum() > 0
     keep = [0, 1, 3]
-    assert torch.allclose(y_capped[0, keep], y_full[0, keep], atol=1e-7)
+    assert torch.allclose(y_capped[0, keep], y_full[0, keep], atol=TOL, rtol=0)
     # The load statistic counts routed slots, dropped or not.
-    assert torch.allclose(capped.last_stats["load"], torch.tensor([0.75, 0.25]))
+    assert capped.last_stats["load"].tolist() == [0.75, 0.25]
 
 
 def test_generous_capacity_matches_dropless():
     torch.manual_seed(4)
-    dropless = MoE(moe_config())
-    capped = MoE(moe_config(capacity_factor=4.0))  # capacity = all slots
+    dropless = MoE(moe_config()).double()
+    capped = MoE(moe_config(capacity_factor=4.0)).double()  # capacity = all slots
     capped.load_state_dict(dropless.state_dict())
-    x = torch.randn(2, 7, 16)
-    assert torch.allclose(capped(x)[0], dropless(x)[0], atol=1e-7)
+    x = torch.randn(2, 7, 16, dtype=torch.float64)
+    assert torch.allclose(capped(x)[0], dropless(x)[0], atol=TOL, rtol=0)
     assert capped.last_stats["dropped_fraction"].item() == 0.0
 
 

@@ -24,6 +24,7 @@ from model.config import ConfigError
 from model.loss import causal_lm_loss
 from model.transformer import Transformer
 from tests.reference import micro_batch_reference
+from tests.rounding import mean_cross_entropy_error
 from tests.utils import PYTHON, REPO, TINY, child_env, free_port, read_metrics, run_train, train_losses
 from train.config import RunConfig, build_run_config
 from train.parallel.pp import layer_specs, model_key_to_pipeline_key, pipeline_key_to_model_key
@@ -81,7 +82,9 @@ def test_stage_chain_equals_model_forward_and_names_map_back(model, tied, sample
     assert torch.equal(net.lm_head(hidden), net(tokens).logits)
     assert torch.equal(net.head_loss(hidden, labels)[1] + aux.sum(), want.loss)
     unfused = causal_lm_loss(net.lm_head(hidden), labels)  # the loss the fused head stands for
-    assert torch.allclose(net.head_loss(hidden, labels)[1], unfused, rtol=1e-6)
+    # Two float32 evaluations of one loss, each within the rounding bound of the exact one.
+    bound = mean_cross_entropy_error(hidden.reshape(-1, hidden.shape[-1]), net.lm_head.weight, labels.reshape(-1))
+    assert abs(float(net.head_loss(hidden, labels)[1] - unfused)) <= 2 * bound
     if run.model.family != "dense":
         assert float(aux.sum()) > 0
 

@@ -58,7 +58,7 @@ def test_checkpointing_modes_give_the_same_gradients_and_selective_saves_memory(
         _, loss, grads, _ = runs[mode]
         assert torch.equal(loss, want_loss)
         for name, g in want.items():
-            assert torch.allclose(grads[name], g, rtol=1e-6, atol=1e-8), (mode, name)
+            assert torch.equal(grads[name], g), (mode, name)
     assert saved["selective"] <= MAX_SELECTIVE_RATIO * saved["none"], saved
     # The block's input existed before its forward: full keeps only what it returns (and MoE's few statistics).
     assert returned <= saved["full"] <= returned + 256, saved
