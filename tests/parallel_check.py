@@ -130,6 +130,9 @@ class References:
         return self.done[model]
 
 
+STEP_ONE_TIMEOUT_S = 180
+
+
 def check_layout(overrides: list[str], ranks: int, reference: tuple, out_dir: Path, rel: float = 1e-5,
                  fork: bool = True) -> str:
     """The layout's first-step gradients (gathered from every rank's pieces) and the real trainer's losses over the
@@ -139,7 +142,9 @@ def check_layout(overrides: list[str], ranks: int, reference: tuple, out_dir: Pa
     from tests.utils import child_env, run_train
 
     want, want_grads, floor = reference
-    fork_call(step_one_gradients, (overrides, str(out_dir)), ranks, child_env())
+    # One forward and backward of a tiny model takes seconds, even at 8 ranks on 2 busy cores: a rank waiting in a
+    # collective its peer never enters (a lost send in a schedule) fails the test in 3 minutes, not 10.
+    fork_call(step_one_gradients, (overrides, str(out_dir)), ranks, child_env(), timeout=STEP_ONE_TIMEOUT_S)
     assert_gradients_match(assemble(out_dir), want_grads, rel)
     run_dir = out_dir / "run"
     proc = run_train([*overrides, f"run_dir={run_dir}"], nproc=ranks, fork=fork)
